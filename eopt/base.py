@@ -1,0 +1,125 @@
+"""The optimizer base every eopt algorithm builds on.
+
+One optimizer object holds every parameter of a model. Each param group names the algorithm that
+updates it in its ``"algorithm"`` key: the optimizer's own (``cls.algorithm``) or ``"adamw"``, the
+backup AdamW that updates embeddings, the output head and 1-D parameters with exactly
+``torch.optim.AdamW``'s arithmetic from that group's ``lr``/``betas``/``eps``/``weight_decay``.
+One state dict and one LR scheduler cover both.
+
+Per-group hints the recipe may set (eopt never guesses them from parameter names):
+
+- ``in_out`` (bool): the weights are stored (in, out), like GPT-2's ``Conv1D``; shape-dependent rules
+  use the mathematical (out, in) orientation, so they see the transpose.
+- ``split_qkv`` (tuple of ints): a fused QKV weight whose output dim is Q, K, V of these sizes.
+- ``role`` (str): what the tensors are (``embedding``, ``head``, ``norm``, ``bias``, ``q``, ``k``, ``v``,
+  ``qkv``, ``attn_out``, ``mlp``, ``matrix``, ``vector``); ``n_heads``/``n_kv_heads`` for attention.
+
+State is created eagerly when a group is added, so that every rank of a distributed run holds the same
+state keys from the start (lazily created state breaks ``torch.distributed.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from eopt._adamw import ADAMW_DEFAULTS, adamw_step, init_adamw_state
+
+ParamGroups = Iterable[torch.Tensor] | Iterable[dict]
+
+
+def check(name: str, ok: bool, requirement: str) -> None:
+    """Raise ``ValueError`` naming argument ``name`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"invalid {name}: {requirement}")
+
+
+def check_adamw_group(group: dict) -> None:
+    """Validate the AdamW hyperparameters of a backup group."""
+    check("lr", group["lr"] >= 0.0, f"must be >= 0, got {group['lr']}")
+    betas = group["betas"]
+    check("betas", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), f"each must be in [0, 1), got {betas}")
+    check("eps", group["eps"] >= 0.0, f"must be >= 0, got {group['eps']}")
+    check("weight_decay", group["weight_decay"] >= 0.0, f"must be >= 0, got {group['weight_decay']}")
+
+
+class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
+    """Base class: routes each param group to the backup AdamW or to the subclass's algorithm.
+
+    Subclasses set ``algorithm`` and implement :meth:`_check_group` (validate hyperparameters),
+    :meth:`_init_state` (eager state for one group) and :meth:`_step_group` (one update of one group).
+    """
+
+    algorithm: str = ""
+
+    def __init__(self, params: ParamGroups, defaults: dict) -> None:
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group.setdefault("algorithm", self.algorithm)
+        algorithm = param_group["algorithm"]
+        check("algorithm", algorithm in ("adamw", self.algorithm),
+              f"a {type(self).__name__} param group takes 'adamw' or {self.algorithm!r}, got {algorithm!r}")
+        if algorithm == "adamw" and self.algorithm != "adamw":
+            for key, value in ADAMW_DEFAULTS.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if algorithm == "adamw":
+            check_adamw_group(group)
+            for p in group["params"]:
+                init_adamw_state(self.state[p], p)
+        else:
+            self._check_group(group)
+            self._init_state(group)
+
+    def _check_group(self, group: dict) -> None:
+        """Validate the hyperparameters of one of this algorithm's groups (raise ``ValueError``)."""
+
+    @abc.abstractmethod
+    def _init_state(self, group: dict) -> None:
+        """Create the state of every parameter of one of this algorithm's groups."""
+
+    @abc.abstractmethod
+    def _step_group(self, group: dict) -> None:
+        """Update the parameters of one of this algorithm's groups that have a gradient."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["algorithm"] == "adamw":
+                adamw_step(group, self.state)
+            else:
+                self._step_group(group)
+        return loss
+
+
+def params_with_grad(group: dict) -> list[torch.Tensor]:
+    """The group's parameters that received a gradient this step."""
+    return [p for p in group["params"] if p.grad is not None]
+
+
+def group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``tensors`` grouped by (shape, dtype, device), in first-seen order, for batching."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(tuple(t.shape), t.dtype, t.device)].append(i)
+    return dict(groups)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in tensors of ``optimizer.state`` (any torch optimizer)."""
+    total = 0
+    for st in optimizer.state.values():
+        for value in st.values():
+            if isinstance(value, torch.Tensor):
+                value = value.to_local() if hasattr(value, "to_local") else value
+                total += value.numel() * value.element_size()
+    return total
