@@ -1,0 +1,1 @@
+"""The pretraining recipe: config schemas, models, data, optimizer factory, trainer, checkpoints, metrics."""
