@@ -11,7 +11,7 @@ Per-group hints the recipe may set (eopt never guesses them from parameter names
 - ``in_out`` (bool): the weights are stored (in, out), like GPT-2's ``Conv1D``; shape-dependent rules
   use the mathematical (out, in) orientation, so they see the transpose.
 - ``split_qkv`` (tuple of ints): a fused QKV weight whose output dim is Q, K, V of these sizes.
-- ``role`` (str): what the tensors are (``embedding``, ``head``, ``norm``, ``bias``, ``q``, ``k``, ``v``,
+- ``role`` (str): what the tensors are (``embedding``, ``pos_embedding``, ``head``, ``norm``, ``bias``, ``q``, ``k``, ``v``,
   ``qkv``, ``attn_out``, ``mlp``, ``matrix``, ``vector``); ``n_heads``/``n_kv_heads`` for attention.
 
 State is created eagerly when a group is added, so that every rank of a distributed run holds the same
