@@ -1,0 +1,134 @@
+"""Config -> optimizer and LR schedule: the only place the recipe constructs an optimizer.
+
+The optimizer config group is flat: ``name``, ``lr``, ``weight_decay``, the chosen eopt optimizer's own
+constructor arguments, a ``backup`` block (AdamW for embeddings, head and 1-D parameters), and optionally
+``routing``, ``rules``, ``decay_1d`` and, for optimizers with a Hessian estimate, ``hessian_interval``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import eopt
+from recipes.config import ScheduleConfig
+from recipes.errors import ConfigError
+from recipes.models import param_hints
+
+RECIPE_KEYS = ("name", "lr", "weight_decay", "backup", "routing", "rules", "decay_1d", "hessian_interval")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` converted to the type of the constructor default, or a ConfigError naming the key."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok and isinstance(default, float) else value
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"optimizer.{key}={value!r} has the wrong type: expected {type(default).__name__}")
+    return value
+
+
+def optimizer_kwargs(ocfg: Mapping[str, Any]) -> tuple[str, dict]:
+    """Validate an optimizer config and return (name, keyword arguments of its eopt constructor)."""
+    name = ocfg.get("name")
+    if name not in eopt.OPTIMIZERS:
+        raise ConfigError(f"optimizer.name={name!r} is unknown: choose one of {', '.join(sorted(eopt.OPTIMIZERS))}")
+    entry = eopt.OPTIMIZERS[name]
+    for key in ocfg:
+        if key not in RECIPE_KEYS and key not in entry.defaults:
+            raise ConfigError(
+                f"optimizer.{key} is not an argument of {name}: valid keys are {', '.join(entry.defaults)}"
+            )
+    if "hessian_interval" in ocfg and not hasattr(entry.cls, "update_hessian"):
+        raise ConfigError(f"optimizer.hessian_interval is only for optimizers with a Hessian estimate, not {name}")
+    lr = ocfg.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        raise ConfigError(f"optimizer.lr={lr!r} must be a number > 0: e.g. optimizer.lr=3e-4")
+    kwargs = {k: _typed(k, v, entry.defaults.get(k)) for k, v in ocfg.items() if k in entry.defaults}
+    return name, kwargs
+
+
+def build_optimizer(model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_step: int) -> torch.optim.Optimizer:
+    """The eopt optimizer for ``model``, parameters routed with the model's hints."""
+    name, kwargs = optimizer_kwargs(ocfg)
+    if "bs" in eopt.OPTIMIZERS[name].defaults and kwargs.get("bs") is None:
+        kwargs["bs"] = tokens_per_step
+    backup = ocfg.get("backup")
+    if backup is not None:
+        backup = {k: tuple(v) if k == "betas" else v for k, v in backup.items()}
+    try:
+        return eopt.build(
+            model.named_parameters(),
+            name,
+            backup=backup,
+            rules=dict(ocfg.get("rules") or {}),
+            hints=param_hints(model),
+            routing=ocfg.get("routing"),
+            decay_1d=bool(ocfg.get("decay_1d", False)),
+            **kwargs,
+        )
+    except ValueError as e:
+        raise ConfigError(f"optimizer ({name}): {e}") from e
+
+
+def check_schedule(cfg: ScheduleConfig) -> None:
+    if cfg.name not in SCHEDULES:
+        raise ConfigError(f"schedule.name={cfg.name!r} is unknown: choose one of {', '.join(SCHEDULES)}")
+    if cfg.warmup_steps < 0 or not 0.0 <= cfg.warmup_fraction < 1.0:
+        raise ConfigError("schedule.warmup_steps must be >= 0 and schedule.warmup_fraction in [0, 1)")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    if not 0.0 <= cfg.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={cfg.decay_fraction} must be in [0, 1]")
+
+
+def lr_factor(cfg: ScheduleConfig, max_steps: int) -> Callable[[int], float]:
+    """The multiplier of the peak LR for the update at step ``s`` (0-based) of a ``max_steps`` run."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_fraction * max_steps)
+    floor = cfg.min_lr_ratio
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if cfg.name == "constant":
+            return 1.0
+        if cfg.name == "wsd":
+            decay_start = max(warmup, max_steps - int(cfg.decay_fraction * max_steps))
+            if s < decay_start:
+                return 1.0
+            progress = (s - decay_start + 1) / max(1, max_steps - decay_start)
+            return 1.0 - (1.0 - floor) * min(1.0, progress)
+        progress = min(1.0, (s - warmup) / max(1, max_steps - 1 - warmup))
+        if cfg.name == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int):
+    """A ``LambdaLR`` scaling every param group's LR by the schedule's factor."""
+    check_schedule(cfg)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, max_steps))
+
+
+def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current LR per group kind, keyed ``lr/<algorithm>/<role>`` (one entry per distinct kind)."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        rates.setdefault(f"lr/{group.get('algorithm', 'adamw')}/{group.get('role', 'all')}", group["lr"])
+    return rates
