@@ -7,8 +7,10 @@ Depends on torch only.
 
 from eopt.adamw import AdamW
 from eopt.base import Optimizer, state_bytes
+from eopt.muon import Muon
 from eopt.registry import OPTIMIZERS, Entry, build, register
 
 register("adamw", AdamW, "all", "AdamW baseline (torch.optim.AdamW arithmetic, fused kernel)")
+register("muon", Muon, "matrices", "Muon: momentum orthogonalized by Newton-Schulz (Jordan et al. 2024), NorMuon/AdaMuon")
 
-__all__ = ["OPTIMIZERS", "AdamW", "Entry", "Optimizer", "build", "register", "state_bytes"]
+__all__ = ["OPTIMIZERS", "AdamW", "Entry", "Muon", "Optimizer", "build", "register", "state_bytes"]

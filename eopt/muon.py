@@ -1,0 +1,277 @@
+"""Muon: momentum orthogonalized by Newton–Schulz, with NorMuon / AdaMuon second moments."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from eopt.base import Optimizer, ParamGroups, check, params_with_grad
+from eopt.newton_schulz import Coefficients, check_coefficients, newton_schulz
+
+SCALES = ("shape_scaling", "spectral", "unit_rms_norm", "match_rms_adamw")
+SECOND_MOMENTS = (None, "normuon", "adamuon")
+NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def scale_factor(mode: str, out_dim: int, in_dim: int) -> float:
+    """Muon's update scale for an (out, in) matrix.
+
+    ``shape_scaling`` ``max(1, out/in)^0.5`` (Keller Jordan), ``spectral`` ``max(out, in)^0.5`` (NVIDIA's
+    default), ``unit_rms_norm`` ``(out/in)^0.5`` (Scion), ``match_rms_adamw`` ``0.2 max(out, in)^0.5``
+    (Moonlight, arXiv 2502.16982: the update RMS of AdamW, so AdamW's lr and weight decay carry over).
+    """
+    if mode == "shape_scaling":
+        return max(1.0, out_dim / in_dim) ** 0.5
+    if mode == "spectral":
+        return max(out_dim, in_dim) ** 0.5
+    if mode == "unit_rms_norm":
+        return (out_dim / in_dim) ** 0.5
+    if mode == "match_rms_adamw":
+        return 0.2 * max(out_dim, in_dim) ** 0.5
+    raise ValueError(f"invalid scale: must be one of {', '.join(SCALES)}, got {mode!r}")
+
+
+def resolve_ns_dtype(ns_dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The Newton–Schulz compute dtype: ``None`` is float32 on CPU (bf16 matmul is ~300x slower there), bf16 else."""
+    if ns_dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return NS_DTYPES[ns_dtype] if isinstance(ns_dtype, str) else ns_dtype
+
+
+def matrix_pieces(t: torch.Tensor, group: dict) -> list[tuple[torch.Tensor, int, int]]:
+    """Views of ``t`` (a param-shaped tensor) as the matrices Muon orthogonalizes, each wide (``m <= n``).
+
+    The param is flattened to ``(shape[0], -1)``, transposed to the mathematical (out, in) orientation when
+    the group says it is stored (in, out), split along out into Q, K, V when the group has ``split_qkv``,
+    and each piece is transposed when tall. Returns ``(view, out, in)`` triples; writing into a view writes
+    into ``t``.
+    """
+    mat = t.reshape(t.shape[0], -1) if t.ndim != 2 else t
+    if group.get("in_out"):
+        mat = mat.T
+    parts = torch.split(mat, list(group["split_qkv"]), dim=0) if group.get("split_qkv") else (mat,)
+    return [(part.T if part.shape[0] > part.shape[1] else part, part.shape[0], part.shape[1]) for part in parts]
+
+
+class Muon(Optimizer):
+    """Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) with NVIDIA's options.
+
+    For each matrix ``W`` (out x in) with gradient ``g``, momentum ``b`` and step size ``lr``::
+
+        m = b m + (1 - b) g
+        u = (1 - b) g + b m              if nesterov else m
+        O = NS(u)                        (Newton–Schulz, `eopt.newton_schulz`)
+        W = W (1 - lr wd)                (decoupled weight decay, un-scaled lr)
+        W = W - lr * extra_scale_factor * scale(out, in) * O
+
+    ``second_moment`` adds an adaptive step between ``NS`` and the scale (NVIDIA Emerging-Optimizers'
+    ``AdaptiveMuon``; the scale factor is applied once, after it):
+
+    - ``"normuon"`` (Li et al., arXiv 2510.05491): one second moment per row or column,
+      ``v = beta2 v + (1 - beta2) mean(O^2)`` over the shorter dim (one value per index of the longer dim:
+      for a tall/square matrix per row, for a wide one per column, as NVIDIA's code), ``O' = O / (sqrt(v) +
+      eps)``, rescaled to ``||O||_F``.
+    - ``"adamuon"`` (Si et al., arXiv 2507.11005): elementwise ``v = beta2 v + (1 - beta2) O^2``,
+      ``O' = O / (sqrt(v / (1 - beta2^t)) + eps)``, rescaled to ``||O'||_F = sqrt(min(out, in))`` (an exact
+      orthogonal matrix's norm); the paper's update ``lr 0.2 sqrt(max(out, in)) O'`` is
+      ``scale="match_rms_adamw"``.
+
+    Parameters with more than two dims are flattened to ``(shape[0], -1)``. Per-group hints: ``in_out``
+    (stored (in, out), like GPT-2's ``Conv1D``) and ``split_qkv`` (sizes of Q, K, V along the output dim:
+    each part is orthogonalized and scaled as its own matrix, as Megatron does). Param groups with
+    ``"algorithm": "adamw"`` get the backup AdamW.
+
+    The step batches: within a group, every matrix piece of the same wide shape joins one stack and one
+    batched Newton–Schulz; momentum, weight decay and the update are foreach ops over the whole group.
+    ``foreach=False`` selects the single-tensor reference path (one matrix at a time, same arithmetic).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (0.02, Keller Jordan's Muon).
+        momentum: momentum ``b`` (0.95).
+        nesterov: Nesterov momentum (on, as Keller's).
+        weight_decay: decoupled weight decay, multiplied by ``lr`` (0).
+        ns_steps: Newton–Schulz steps (5).
+        coefficients: ``simple`` | ``quintic`` | ``polar_express`` | ``cans`` | ``aol`` | a list of (a, b, c).
+        scale: ``shape_scaling`` | ``spectral`` | ``unit_rms_norm`` | ``match_rms_adamw``.
+        extra_scale_factor: multiplies the scale (e.g. 0.2 with ``spectral`` matches AdamW's update RMS).
+        second_moment: ``None`` | ``"normuon"`` | ``"adamuon"``.
+        beta2: second-moment decay (0.95, NVIDIA's AdaptiveMuon).
+        eps: second-moment epsilon (1e-8).
+        ns_dtype: Newton–Schulz dtype, ``None`` (float32 on CPU, bfloat16 on CUDA), ``"float32"``,
+            ``"bfloat16"`` or a ``torch.dtype``.
+        foreach: batched path (``None`` or ``True``) or the single-tensor reference path (``False``).
+    """
+
+    algorithm = "muon"
+
+    def __init__(
+        self,
+        params: ParamGroups,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        coefficients: Coefficients = "simple",
+        scale: str = "shape_scaling",
+        extra_scale_factor: float = 1.0,
+        second_moment: str | None = None,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        ns_dtype: str | torch.dtype | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "ns_steps": ns_steps,
+            "coefficients": coefficients,
+            "scale": scale,
+            "extra_scale_factor": extra_scale_factor,
+            "second_moment": second_moment,
+            "beta2": beta2,
+            "eps": eps,
+            "ns_dtype": ns_dtype,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        check("lr", group["lr"] >= 0.0, f"must be >= 0, got {group['lr']}")
+        check("momentum", 0.0 <= group["momentum"] < 1.0, f"must be in [0, 1), got {group['momentum']}")
+        check("weight_decay", group["weight_decay"] >= 0.0, f"must be >= 0, got {group['weight_decay']}")
+        steps = group["ns_steps"]
+        check("ns_steps", isinstance(steps, int) and steps >= 1, f"must be an int >= 1, got {steps!r}")
+        problem = check_coefficients(group["coefficients"])
+        check("coefficients", problem is None, problem or "")
+        check("scale", group["scale"] in SCALES, f"must be one of {', '.join(SCALES)}, got {group['scale']!r}")
+        check(
+            "extra_scale_factor", group["extra_scale_factor"] > 0.0, f"must be > 0, got {group['extra_scale_factor']}"
+        )
+        check(
+            "second_moment",
+            group["second_moment"] in SECOND_MOMENTS,
+            f"must be null, 'normuon' or 'adamuon', got {group['second_moment']!r}",
+        )
+        check("beta2", 0.0 <= group["beta2"] < 1.0, f"must be in [0, 1), got {group['beta2']}")
+        check("eps", group["eps"] >= 0.0, f"must be >= 0, got {group['eps']}")
+        dt = group["ns_dtype"]
+        check(
+            "ns_dtype",
+            dt is None or dt in NS_DTYPES or dt in NS_DTYPES.values(),
+            f"must be null or one of {', '.join(NS_DTYPES)}, got {dt!r}",
+        )
+        split = group.get("split_qkv")
+        for p in group["params"]:
+            check("params", p.ndim >= 2, f"Muon takes matrices (2-D and up); route {tuple(p.shape)} to 'adamw'")
+            if split:
+                out_dim = p.shape[-1] if group.get("in_out") else p.shape[0]
+                check("split_qkv", sum(split) == out_dim, f"sizes {tuple(split)} must sum to the output dim {out_dim}")
+
+    def _init_state(self, group: dict) -> None:
+        for p in group["params"]:
+            state = self.state[p]
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            if group["second_moment"] == "adamuon":
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["moment2"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif group["second_moment"] == "normuon":
+                # One value per index of each piece's longer dim, the pieces' vectors concatenated.
+                length = sum(n for _, n in (v.shape for v, _, _ in matrix_pieces(p, group)))
+                state["moment2"] = torch.zeros(length, dtype=p.dtype, device=p.device)
+
+    def _step_group(self, group: dict) -> None:
+        params = params_with_grad(group)
+        if not params:
+            return
+        lr, wd, b = group["lr"], group["weight_decay"], group["momentum"]
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1.0 - b)
+        inputs = torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs
+        if group["second_moment"] == "adamuon":
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
+        updates = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        if group["foreach"] is False:
+            self._orthogonalize_single(group, params, inputs, updates)
+        else:
+            self._orthogonalize_batched(group, params, inputs, updates)
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+    def _orthogonalize_single(self, group: dict, params: list, inputs: list, updates: list) -> None:
+        """Reference path: each matrix piece on its own, written into ``updates`` already scaled."""
+        dtype = resolve_ns_dtype(group["ns_dtype"], params[0].device)
+        for p, u, out in zip(params, inputs, updates, strict=True):
+            for idx, ((src, o, i), (dst, _, _)) in enumerate(
+                zip(matrix_pieces(u, group), matrix_pieces(out, group), strict=True)
+            ):
+                ortho = newton_schulz(src, group["ns_steps"], group["coefficients"], dtype=dtype).unsqueeze(0)
+                ortho = self._second_moment(group, [self._moment_view(p, group, idx)], [p], ortho)
+                dst.copy_(ortho[0] * (group["extra_scale_factor"] * scale_factor(group["scale"], o, i)))
+
+    def _orthogonalize_batched(self, group: dict, params: list, inputs: list, updates: list) -> None:
+        """Fast path: one batched Newton–Schulz per stack of same-shape pieces."""
+        stacks: dict[tuple, list] = defaultdict(list)
+        for p, u, out in zip(params, inputs, updates, strict=True):
+            for idx, ((src, o, i), (dst, _, _)) in enumerate(
+                zip(matrix_pieces(u, group), matrix_pieces(out, group), strict=True)
+            ):
+                stacks[(tuple(src.shape), src.dtype, src.device)].append((p, idx, src, dst, o, i))
+        mult = group["extra_scale_factor"]
+        for (_, _, device), pieces in stacks.items():
+            X = torch.stack([src for _, _, src, _, _, _ in pieces])
+            ortho = newton_schulz(
+                X, group["ns_steps"], group["coefficients"], dtype=resolve_ns_dtype(group["ns_dtype"], device)
+            )
+            moments = [self._moment_view(p, group, idx) for p, idx, *_ in pieces]
+            ortho = self._second_moment(group, moments, [p for p, *_ in pieces], ortho)
+            scales = torch.tensor([mult * scale_factor(group["scale"], o, i) for *_, o, i in pieces], device=device)
+            ortho.mul_(scales.to(ortho.dtype).view(-1, 1, 1))
+            torch._foreach_copy_([dst for _, _, _, dst, _, _ in pieces], list(ortho.unbind(0)))
+
+    def _moment_view(self, p: torch.Tensor, group: dict, idx: int) -> torch.Tensor | None:
+        """The second-moment state of piece ``idx`` of ``p``, shaped to broadcast against the wide piece."""
+        kind = group["second_moment"]
+        if kind is None:
+            return None
+        state = self.state[p]
+        if kind == "adamuon":
+            return matrix_pieces(state["moment2"], group)[idx][0]
+        pieces = matrix_pieces(p, group)
+        start = sum(v.shape[1] for v, _, _ in pieces[:idx])
+        m, n = pieces[idx][0].shape
+        flat = state["moment2"][start : start + n]
+        # Wide piece: average over rows (m < n), one value per column; square: one value per row, as NVIDIA.
+        return flat.view(1, n) if m < n else flat.view(n, 1)
+
+    def _second_moment(self, group: dict, moments: list, params: list, ortho: torch.Tensor) -> torch.Tensor:
+        """Apply NorMuon / AdaMuon to a stack ``ortho`` (k, m, n) of raw NS outputs (in place on ``moments``)."""
+        kind = group["second_moment"]
+        if kind is None:
+            return ortho
+        beta2, eps = group["beta2"], group["eps"]
+        ortho = ortho.float()
+        if kind == "normuon":
+            square = ortho.size(-2) == ortho.size(-1)
+            sq_mean = ortho.square().mean(dim=-1 if square else -2, keepdim=True)
+            v = torch.stack(moments)
+            v.lerp_(sq_mean, 1.0 - beta2)
+            torch._foreach_copy_(moments, list(v.unbind(0)))
+            target = torch.linalg.vector_norm(ortho, dim=(-2, -1), keepdim=True)
+            ortho = ortho / (v.sqrt() + eps)
+        else:
+            steps = torch.stack([self.state[p]["step"] for p in params])
+            bias_correction = (1.0 - torch.pow(beta2, steps)).view(-1, 1, 1)
+            v = torch.stack(moments)
+            v.lerp_(ortho.square(), 1.0 - beta2)
+            torch._foreach_copy_(moments, list(v.unbind(0)))
+            ortho = ortho / ((v / bias_correction).sqrt() + eps)
+            target = torch.full_like(ortho[:, :1, :1], min(ortho.shape[-2:]) ** 0.5)
+        norm = torch.linalg.vector_norm(ortho, dim=(-2, -1), keepdim=True)
+        return ortho * (target / norm.clamp_min(eps if eps > 0 else 1e-30))

@@ -1,0 +1,145 @@
+"""Newton–Schulz orthogonalization: the matrix kernel of Muon.
+
+For a matrix ``G`` with SVD ``U S V^T`` the iteration drives every singular value towards 1, giving an
+approximation of the polar factor ``U V^T`` (Bernstein & Newhouse, arXiv 2409.20325; Jordan et al.,
+"Muon", 2024). With ``X`` oriented wide (``m <= n``) and normalized so that its spectral norm is at
+most 1, each step applies the odd quintic ``p(x) = a x + b x^3 + c x^5`` to the singular values::
+
+    A = X X^T                  (m x m, symmetric)
+    B = b A + c A A
+    X = a X + B X
+
+Every step costs ``2 * (2 m^2 n + m^3)`` FLOPs. Coefficient schedules (:data:`COEFFICIENTS`) are those of
+NVIDIA Emerging-Optimizers 0.3.0; ``polar_express`` and ``cans`` repeat their last triple when more steps
+are asked for, the others cycle.
+
+The batched path runs one ``baddbmm`` chain over a stack ``(k, m, n)`` of same-shape matrices, so that
+many small matrices cost one set of BLAS calls instead of ``k``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+Coefficients = str | Sequence[Sequence[float]]
+
+COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    # Keller Jordan's Muon: one triple, cycled (fast growth near 0, singular values end in ~[0.7, 1.2]).
+    "simple": ((3.4445, -4.7750, 2.0315),),
+    # modded-nanogpt's per-step quintic (NVIDIA's default), cycled.
+    "quintic": (
+        (4.0848, -6.8946, 2.9270),
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+    ),
+    # Polar Express (Amsel et al., arXiv 2505.16932, Alg. 1) with its 1.01 safety factor folded in; last repeats.
+    "polar_express": (
+        (8.2051, -22.9019, 16.4607),
+        (4.0664, -2.8612, 0.5184),
+        (3.9096, -2.8234, 0.5250),
+        (3.2856, -2.4153, 0.4853),
+        (2.2779, -1.6198, 0.3985),
+        (1.8726, -1.2307, 0.3585),
+        (1.8564, -1.2132, 0.3568),
+        (1.8750, -1.2500, 0.3750),
+    ),
+    # CANS (Grishina et al., arXiv 2506.10935), Remez polynomials on an adaptive interval; last repeats.
+    "cans": (
+        (8.4703, -25.1081, 18.6293),
+        (4.1828, -3.1087, 0.5806),
+        (3.9619, -2.9541, 0.5630),
+        (3.2866, -2.4647, 0.5074),
+        (2.2737, -1.6447, 0.4162),
+    ),
+    # flash-newton-schulz's schedule (Boissin et al.), cycled. It assumes AOL preconditioning of the input: with
+    # plain Frobenius normalization (as NVIDIA 0.3.0 runs it) p(1) < 0, so singular values between ~0.01 and ~0.7
+    # of the input's norm come out negative. Kept for parity with NVIDIA; prefer another set.
+    "aol": (
+        (4.0098, -7.0585, 2.4635),
+        (3.4585, -5.5479, 2.5959),
+        (2.7573, -3.2939, 1.4254),
+        (2.7215, -3.0494, 1.3169),
+    ),
+}
+
+REPEAT_LAST = ("polar_express", "cans")
+
+# Band the singular values land in after 5 steps, for an input whose singular values span two decades
+# (checked in tests). "aol" has none under plain normalization (see above).
+EXPECTED_BAND: dict[str, tuple[float, float]] = {
+    "simple": (0.6, 1.25),
+    "quintic": (0.6, 1.25),
+    "polar_express": (0.8, 1.2),
+    "cans": (0.8, 1.2),
+}
+
+
+def check_coefficients(coefficients: Coefficients) -> str | None:
+    """``None`` if ``coefficients`` is a known name or a non-empty list of (a, b, c) triples, else why not."""
+    if isinstance(coefficients, str):
+        if coefficients not in COEFFICIENTS:
+            return f"must be one of {', '.join(COEFFICIENTS)} or a list of (a, b, c), got {coefficients!r}"
+        return None
+    try:
+        triples = [tuple(float(v) for v in t) for t in coefficients]
+    except (TypeError, ValueError):
+        return f"must be a name or a list of (a, b, c) numbers, got {coefficients!r}"
+    if not triples or any(len(t) != 3 for t in triples):
+        return f"a custom list needs at least one triple and exactly 3 numbers per triple, got {coefficients!r}"
+    return None
+
+
+def coefficient_schedule(coefficients: Coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """The ``steps`` (a, b, c) triples to apply: named sets cycle or repeat their last; custom lists cycle."""
+    if isinstance(coefficients, str):
+        triples = COEFFICIENTS[coefficients]
+        if coefficients in REPEAT_LAST:
+            source = itertools.chain(triples, itertools.repeat(triples[-1]))
+            return list(itertools.islice(source, steps))
+    else:
+        triples = tuple(tuple(float(v) for v in t) for t in coefficients)
+    return list(itertools.islice(itertools.cycle(triples), steps))
+
+
+def newton_schulz(
+    x: torch.Tensor,
+    steps: int = 5,
+    coefficients: Coefficients = "simple",
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Orthogonalize ``x`` (``(m, n)`` or a stack ``(k, m, n)``) with ``steps`` Newton–Schulz steps.
+
+    Each matrix is transposed to the wide orientation, divided by ``||x||_F + eps`` (so a zero matrix stays
+    zero), iterated in ``dtype`` (default: ``x.dtype``) and returned in ``x``'s dtype and orientation.
+    """
+    if x.ndim not in (2, 3):
+        raise ValueError(f"invalid x: newton_schulz takes a matrix or a stack of matrices, got shape {tuple(x.shape)}")
+    out_dtype = x.dtype
+    transpose = x.size(-2) > x.size(-1)
+    if transpose:
+        x = x.mT
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    X = (x / norm.add_(eps)).to(dtype or out_dtype)
+    if X.ndim == 2:
+        X = X.unsqueeze(0)
+    for a, b, c in coefficient_schedule(coefficients, steps):
+        X = newton_schulz_step(X, a, b, c)
+    X = X.to(out_dtype).reshape(x.shape)
+    return X.mT if transpose else X
+
+
+def newton_schulz_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One step ``X <- a X + (b A + c A A) X`` with ``A = X X^T`` on a wide stack ``(k, m, n)``, ``m <= n``.
+
+    ``b A + c A A`` and ``a X + B X`` each fuse their scaling into one ``baddbmm``, so the step is three
+    BLAS calls and no extra elementwise passes.
+    """
+    A = torch.bmm(X, X.mT)
+    B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+    return torch.baddbmm(X, B, X, beta=a, alpha=1.0)
