@@ -11,6 +11,6 @@ from eopt.muon import Muon
 from eopt.registry import OPTIMIZERS, Entry, build, register
 
 register("adamw", AdamW, "all", "AdamW baseline (torch.optim.AdamW arithmetic, fused kernel)")
-register("muon", Muon, "matrices", "Muon: momentum orthogonalized by Newton-Schulz (Jordan et al. 2024), NorMuon/AdaMuon")
+register("muon", Muon, "matrices", "Muon: Newton-Schulz-orthogonalized momentum (Jordan et al. 2024), NorMuon, AdaMuon")
 
 __all__ = ["OPTIMIZERS", "AdamW", "Entry", "Muon", "Optimizer", "build", "register", "state_bytes"]
