@@ -1,0 +1,186 @@
+"""Adafactor: adaptive learning rates with sublinear memory cost (Shazeer & Stern 2018, arXiv 1804.04235).
+
+With ``torch.optim.Adafactor``'s exact semantics for the same arguments. For a parameter ``p`` with
+gradient ``g`` at step ``t`` (``eps1`` defaults to the dtype's machine epsilon)::
+
+    beta2_t = 1 - t^beta2_decay
+    alpha   = min(lr, 1/sqrt(t)) * max(eps2, RMS(p))        (relative_step=True; else alpha = lr)
+    p      *= 1 - lr * weight_decay
+    matrices (factored over the last two dims):
+        R = beta2_t R + (1 - beta2_t) mean_cols(g^2)        (one value per row)
+        C = beta2_t C + (1 - beta2_t) mean_rows(g^2)        (one value per column)
+        V = R C / max(mean(R), eps1)
+    vectors:  V = beta2_t V + (1 - beta2_t) g^2
+    U  = g / max(sqrt(V), eps1)
+    U /= max(1, RMS(U) / d)                                 (update clipping)
+    m  = beta1 m + (1 - beta1) U;  U = m                    (only with beta1: momentum on the clipped update)
+    p -= alpha U
+
+``relative_step=False`` makes ``lr`` the absolute step size (what learning-rate sweeps need); the paper's
+parameter-scale and ``1/sqrt(t)`` factors then drop out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from eopt.base import Optimizer, ParamGroups, check, params_with_grad
+
+
+def _single_tensor_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    *,
+    lr: float,
+    beta1: float | None,
+    beta2_decay: float,
+    eps1: float | None,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    relative_step: bool,
+) -> None:
+    """One Adafactor step, tensor by tensor; step-dependent scalars stay on the device (no ``.item()``)."""
+    # One scratch buffer for every update: a fresh full-size allocation per tensor costs page faults on CPU.
+    scratch = torch.empty(max(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    for p, g, state in zip(params, grads, states, strict=True):
+        step = state["step"]
+        step += 1
+        tiny = torch.finfo(p.dtype).eps if eps1 is None else eps1
+        one_minus_beta2 = step.pow(beta2_decay)
+        if relative_step:
+            rms_p = torch.linalg.vector_norm(p).div_(math.sqrt(p.numel())).clamp_(min=eps2)
+            alpha = step.rsqrt().clamp_(max=lr).mul_(rms_p)
+        else:
+            alpha = lr
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        update = scratch[: p.numel()].view_as(p)
+        if g.ndim > 1:
+            row_var, col_var = state["row_var"], state["col_var"]
+            # mean(g^2) over a dim without materializing g^2
+            row_var.lerp_(
+                torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1]), one_minus_beta2
+            )
+            col_var.lerp_(
+                torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.shape[-2]), one_minus_beta2
+            )
+            torch.mul(row_var, col_var / row_var.mean(dim=-2, keepdim=True).clamp_(min=tiny), out=update)
+        else:
+            variance = state["variance"]
+            variance.lerp_(g * g, one_minus_beta2)
+            update.copy_(variance)
+        # rsqrt(max(V, eps1^2)) == 1 / max(sqrt(V), eps1)
+        update.clamp_(min=tiny * tiny).rsqrt_().mul_(g)
+        clip = torch.linalg.vector_norm(update).div_(math.sqrt(update.numel()) * d).clamp_(min=1.0)
+        if beta1 is not None:
+            exp_avg = state["exp_avg"]
+            exp_avg.lerp_(update.div_(clip), 1 - beta1)
+            scale, update = -alpha, exp_avg
+        else:
+            scale = clip.reciprocal_().mul_(-alpha)
+        if isinstance(scale, Tensor):
+            p.addcmul_(update, scale)
+        else:
+            p.add_(update, alpha=scale)
+
+
+class Adafactor(Optimizer):
+    """Adafactor (Shazeer & Stern 2018, arXiv 1804.04235) with ``torch.optim.Adafactor``'s semantics.
+
+    For a parameter with gradient ``g`` at step ``t``, ``beta2_t = 1 - t^beta2_decay``::
+
+        alpha = min(lr, 1/sqrt(t)) * max(eps2, RMS(p))   if relative_step else lr
+        p    *= 1 - lr * weight_decay
+        V     = R C / max(mean(R), eps1)  with row/column EMAs R, C of g^2  (>= 2-D; full EMA for 1-D)
+        U     = g / max(sqrt(V), eps1);  U /= max(1, RMS(U) / d)
+        p    -= alpha * U                 (with beta1: p -= alpha * m,  m = beta1 m + (1 - beta1) U)
+
+    Args:
+        params: parameters or param groups (groups with ``"algorithm": "adamw"`` use the backup AdamW).
+        lr: relative step cap (``relative_step=True``, as torch: 1e-2) or absolute step size.
+        beta1: momentum on the clipped update; ``None`` (default) keeps no first moment.
+        beta2_decay: ``beta2_t = 1 - t^beta2_decay`` (-0.8 in the paper).
+        eps: ``(eps1, eps2)``: regularizer of the second moment (``None``: the dtype's epsilon) and the
+            floor of the parameter scale.
+        d: update-clipping threshold on RMS(U).
+        weight_decay: decoupled, scaled by ``lr``.
+        relative_step: the paper's (and torch's) relative step size; ``False`` uses ``lr`` as is.
+    """
+
+    algorithm = "adafactor"
+
+    def __init__(
+        self,
+        params: ParamGroups,
+        lr: float = 1e-2,
+        beta1: float | None = None,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        relative_step: bool = True,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "beta1": beta1,
+            "beta2_decay": beta2_decay,
+            "eps": tuple(eps),
+            "d": d,
+            "weight_decay": weight_decay,
+            "relative_step": relative_step,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        check("lr", group["lr"] >= 0.0, f"must be >= 0, got {group['lr']}")
+        beta1 = group["beta1"]
+        check("beta1", beta1 is None or 0.0 <= beta1 < 1.0, f"must be None or in [0, 1), got {beta1}")
+        check("beta2_decay", group["beta2_decay"] <= 0.0, f"must be <= 0, got {group['beta2_decay']}")
+        eps = group["eps"]
+        check(
+            "eps",
+            len(eps) == 2 and (eps[0] is None or eps[0] >= 0.0) and eps[1] >= 0.0,
+            f"must be (eps1 >= 0 or None, eps2 >= 0), got {eps}",
+        )
+        check("d", group["d"] >= 1.0, f"must be >= 1, got {group['d']}")
+        check("weight_decay", group["weight_decay"] >= 0.0, f"must be >= 0, got {group['weight_decay']}")
+
+    def _init_state(self, group: dict) -> None:
+        for p in group["params"]:
+            state = self.state[p]
+            if state:
+                continue
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            if p.ndim > 1:
+                state["row_var"] = p.new_zeros((*p.shape[:-1], 1))
+                state["col_var"] = p.new_zeros((*p.shape[:-2], 1, p.shape[-1]))
+            else:
+                state["variance"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _step_group(self, group: dict) -> None:
+        params = params_with_grad(group)
+        if not params:
+            return
+        if any(p.grad.is_sparse or p.is_complex() for p in params):
+            raise RuntimeError("Adafactor does not support sparse gradients or complex parameters")
+        eps1, eps2 = group["eps"]
+        _single_tensor_adafactor(
+            params,
+            [p.grad for p in params],
+            [self.state[p] for p in params],
+            lr=group["lr"],
+            beta1=group["beta1"],
+            beta2_decay=group["beta2_decay"],
+            eps1=eps1,
+            eps2=eps2,
+            d=group["d"],
+            weight_decay=group["weight_decay"],
+            relative_step=group["relative_step"],
+        )

@@ -1,0 +1,340 @@
+"""Adam-mini: use fewer learning rates to gain more (Zhang et al. 2024, arXiv 2406.16793).
+
+Adam with one second-moment scalar per *block* of parameters instead of one per element::
+
+    p   *= 1 - lr * weight_decay
+    m    = beta1 * m + (1 - beta1) * g                          (per element)
+    v_B  = beta2 * v_B + (1 - beta2) * mean_{i in B} g_i^2     (per block B)
+    p   -= lr / (1 - beta1^t) * m / (sqrt(v_B) / sqrt(1 - beta2^t) + eps)
+
+The blocks follow the Hessian's block structure, from the parameter's role (the group hint ``role``):
+
+- ``bias``: one block per element (plain AdamW);
+- ``q``, ``k``: one block per attention head (``n_heads`` heads for Q; ``n_kv_heads`` for K under GQA,
+  else ``n_heads``: the number of heads the tensor holds);
+- ``qkv`` (fused, with ``split_qkv``): per head for its Q and K parts, per output neuron for its V part
+  (the authors' name rules give all of GPT-2's ``c_attn`` a single block);
+- ``embedding``, ``head``: one block per token (row); ``v``, ``attn_out``, ``mlp``: one per output neuron;
+- anything else (``norm``, ``pos_embedding``, ``matrix``, ``vector``): one block for the whole tensor.
+
+Rows are taken in the mathematical (out, in) orientation: a group with ``in_out=True`` (GPT-2 ``Conv1D``)
+has its blocks along the stored tensor's columns. State: ``m`` per element, ``v`` per block, so about half
+of AdamW's. Under sharding, per-row and per-head blocks stay local to a shard; whole-tensor blocks need an
+all-reduce of ``sum(g^2)``.
+
+Standalone use mirrors the authors' ``adam_mini.Adam_mini`` (1.1.1): ``AdamMini(model.named_parameters(),
+dim=..., n_heads=..., n_kv_heads=...)`` assigns roles by their name substrings and reproduces their update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from eopt.base import Optimizer, ParamGroups, check, params_with_grad
+
+
+class Blocks(NamedTuple):
+    """Segments ``(start row, stop row, number of blocks)`` over the rows of a tensor's (out, in) view; a block
+    is a run of ``(stop - start) / blocks`` consecutive rows. ``in_out``: the tensor is stored (in, out)."""
+
+    segments: tuple[tuple[int, int, int], ...]
+    in_out: bool
+
+
+Layout = Blocks | None  # None: one block per element (AdamW)
+
+PER_ROW_ROLES = ("embedding", "head", "v", "attn_out", "mlp")
+
+# The authors' name rules (adam_mini 1.1.1), matched as substrings of the lower-cased parameter name.
+_AUTHOR_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bias", ("bias",)),
+    ("qk", ("k_proj", "q_proj", "wq", "wk", "query", "key")),
+    ("embedding", ("embed", "embd", "wte")),
+    ("head", ("lm_head", "output", "final_layer")),
+    ("v", ("v_proj", "wv", "value")),
+    ("attn_out", ("o_proj", "wo", "attn.proj")),
+    ("mlp", ("feed_forward", "linear", "mlp")),
+)
+_AUTHOR_NO_DECAY = ("norm", "ln", "bias")
+
+
+def _rows(p: Tensor, in_out: bool) -> int:
+    """Rows (output features) of ``p`` in the (out, in) orientation; a vector is one row."""
+    if p.ndim < 2:
+        return 1
+    return p.shape[1] if in_out else p.shape[0]
+
+
+def _heads(group: dict, key: str) -> int:
+    heads = group.get(key) or group.get("n_heads")
+    check("n_heads", isinstance(heads, int) and heads > 0, f"role {group['role']!r} needs n_heads, got {heads!r}")
+    return heads
+
+
+def block_layout(group: dict, p: Tensor) -> Layout:
+    """The blocks of ``p`` in a group with hints ``role``, ``n_heads``, ``n_kv_heads``, ``split_qkv``, ``in_out``."""
+    role = group.get("role") or ("matrix" if p.ndim >= 2 else "vector")
+    in_out = bool(group.get("in_out")) and p.ndim == 2
+    rows = _rows(p, in_out)
+    if role == "bias":
+        return None
+    if role in PER_ROW_ROLES:
+        return Blocks(((0, rows, rows),), in_out)
+    if role in ("q", "k"):
+        heads = _heads(group, "n_heads" if role == "q" else "n_kv_heads")
+        check("n_heads", rows % heads == 0, f"{heads} heads do not divide the {rows} rows of a {role!r} weight")
+        return Blocks(((0, rows, heads),), in_out)
+    if role == "qkv":
+        split = group.get("split_qkv")
+        check(
+            "split_qkv",
+            split is not None and len(split) == 3 and sum(split) == rows,
+            f"a 'qkv' weight with {rows} rows needs split_qkv=(q, k, v) summing to {rows}, got {split!r}",
+        )
+        q, k, v = split
+        q_heads, k_heads = _heads(group, "n_heads"), _heads(group, "n_kv_heads")
+        check(
+            "n_heads",
+            q % q_heads == 0 and k % k_heads == 0,
+            f"heads ({q_heads}, {k_heads}) do not divide the Q and K sizes ({q}, {k}) of a fused QKV weight",
+        )
+        return Blocks(((0, q, q_heads), (q, q + k, k_heads), (q + k, rows, v)), in_out)
+    return Blocks(((0, rows, 1),), in_out)
+
+
+def n_blocks(layout: Layout, p: Tensor) -> int:
+    return p.numel() if layout is None else sum(blocks for _, _, blocks in layout.segments)
+
+
+def _block_view(t: Tensor, start: int, stop: int, blocks: int, in_out: bool) -> Tensor:
+    """Rows ``start:stop`` of ``t`` viewed so that dim ``in_out`` indexes the blocks (``-1`` merges the rest)."""
+    if in_out:
+        return t[:, start:stop].unflatten(1, (blocks, -1))  # (in, blocks, rows per block)
+    t = t.view(t.shape[0], -1) if t.ndim >= 2 else t.view(1, -1)
+    return t[start:stop].unflatten(0, (blocks, -1))  # (blocks, rows per block, in)
+
+
+def block_mean_sq(g: Tensor, layout: Layout) -> Tensor:
+    """``mean(g^2)`` of every block (flat, in block order), or ``g^2`` for a one-element-per-block layout."""
+    if layout is None:
+        return g * g
+    means = []
+    for start, stop, blocks in layout.segments:
+        x = _block_view(g, start, stop, blocks, layout.in_out)
+        dims = (0, 2) if layout.in_out else (1, 2)
+        # The norm reduces without materializing g^2 (as torch's Adafactor does).
+        means.append(torch.linalg.vector_norm(x, dim=dims).square_().div_(x.numel() // blocks))
+    return means[0] if len(means) == 1 else torch.cat(means)
+
+
+def apply_block_scale(p: Tensor, m: Tensor, scale: Tensor, layout: Layout) -> None:
+    """``p += m * scale`` with one ``scale`` value per block broadcast over the block's elements."""
+    if layout is None:
+        p.addcmul_(m, scale)
+        return
+    offset = 0
+    for start, stop, blocks in layout.segments:
+        s = scale[offset : offset + blocks]
+        offset += blocks
+        s = s.view(1, blocks, 1) if layout.in_out else s.view(blocks, 1, 1)
+        view_p, view_m = (_block_view(t, start, stop, blocks, layout.in_out) for t in (p, m))
+        view_p.addcmul_(view_m, s)
+
+
+def _single_tensor_adam_mini(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    layouts: list[Layout],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One Adam-mini step, tensor by tensor (the reference path; on CPU each tensor stays in cache)."""
+    for p, g, m, v, step, layout in zip(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, strict=True):
+        step += 1
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.lerp_(block_mean_sq(g, layout), 1 - beta2)
+        bias_correction1 = 1 - torch.pow(beta1, step)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt_()
+        # -lr / (1 - beta1^t) / (sqrt(v) / sqrt(1 - beta2^t) + eps): one value per block
+        scale = v.sqrt().div_(bias_correction2_sqrt).add_(eps).mul_(bias_correction1).reciprocal_().mul_(-lr)
+        apply_block_scale(p, m, scale, layout)
+
+
+def _multi_tensor_adam_mini(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    layouts: list[Layout],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """The same step with ``torch._foreach_*`` kernels over the group (fewer launches: the GPU path)."""
+    torch._foreach_add_(steps, 1)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_lerp_(
+        exp_avg_sqs, [block_mean_sq(g, layout) for g, layout in zip(grads, layouts, strict=True)], 1 - beta2
+    )
+    bias_correction1 = torch._foreach_pow(beta1, steps)
+    torch._foreach_sub_(bias_correction1, 1)  # beta1^t - 1: the sign folds -lr into the scale
+    bias_correction2 = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias_correction2)
+    torch._foreach_add_(bias_correction2, 1)
+    torch._foreach_sqrt_(bias_correction2)
+    scales = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(scales, bias_correction2)
+    torch._foreach_add_(scales, eps)
+    torch._foreach_mul_(scales, bias_correction1)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, lr)
+    for p, m, scale, layout in zip(params, exp_avgs, scales, layouts, strict=True):
+        apply_block_scale(p, m, scale, layout)
+
+
+def _author_groups(
+    named_parameters: Iterable[tuple[str, Tensor]], weight_decay: float, dim: int | None, n_heads: int | None
+) -> list[dict]:
+    """Param groups with role hints from the authors' name rules (``adam_mini.Adam_mini`` 1.1.1)."""
+    groups: dict[tuple, dict] = {}
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        lname = name.lower()
+        rule = next((r for r, keys in _AUTHOR_RULES if any(k in lname for k in keys)), None)
+        hint: dict = {"role": rule or ("matrix" if p.ndim >= 2 else "vector")}
+        if rule == "qk":
+            check(
+                "dim",
+                dim is not None and n_heads is not None,
+                f"parameter {name!r} is a query/key projection: pass dim= and n_heads= (the model's)",
+            )
+            head_numel = dim * dim // n_heads
+            check(
+                "dim",
+                p.numel() % head_numel == 0,
+                f"{name!r} ({p.numel()} elements) is not a whole number of heads of dim*dim/n_heads={head_numel}",
+            )
+            # The authors cut the flat tensor into chunks of head_numel: under GQA, K has n_kv_heads of them.
+            hint = {"role": "q", "n_heads": p.numel() // head_numel}
+        decay = 0.0 if any(k in lname for k in _AUTHOR_NO_DECAY) else weight_decay
+        key = (decay, *sorted(hint.items()))
+        group = groups.setdefault(key, {"params": [], "param_names": [], "weight_decay": decay, **hint})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+class AdamMini(Optimizer):
+    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793): Adam with one second moment per parameter block.
+
+    For each parameter with gradient ``g`` at step ``t`` and each of its blocks ``B`` (see :func:`block_layout`)::
+
+        p   *= 1 - lr * weight_decay
+        m    = beta1 * m + (1 - beta1) * g
+        v_B  = beta2 * v_B + (1 - beta2) * mean_{i in B}(g_i^2)
+        p   -= lr / (1 - beta1^t) * m / (sqrt(v_B) / sqrt(1 - beta2^t) + eps)
+
+    Args:
+        params: ``model.named_parameters()`` (standalone: roles from the authors' name rules, as in
+            ``adam_mini.Adam_mini``, no decay on names containing norm/ln/bias), or param groups carrying the
+            hints ``role``, ``n_heads``, ``n_kv_heads``, ``split_qkv``, ``in_out`` (what :func:`eopt.build`
+            makes from the model's structure; groups with ``"algorithm": "adamw"`` use the backup AdamW).
+            Plain tensors get one block per tensor.
+        lr, betas, eps, weight_decay: as in AdamW (the authors reuse AdamW's values).
+        dim, n_heads: model width and attention heads; standalone mode only (the authors' query/key blocks
+            are ``dim * dim / n_heads`` elements).
+        n_kv_heads: key/value heads under GQA; standalone mode only (validated as in the authors' code).
+        foreach: use ``torch._foreach`` kernels (default: on CUDA only).
+    """
+
+    algorithm = "adam_mini"
+
+    def __init__(
+        self,
+        params: ParamGroups | Iterable[tuple[str, Tensor]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        dim: int | None = None,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        if n_kv_heads is not None:
+            check(
+                "n_kv_heads",
+                n_heads is not None and n_kv_heads > 0 and n_heads % n_kv_heads == 0,
+                f"must divide n_heads={n_heads}, got {n_kv_heads}",
+            )
+        params = list(params)
+        if params and isinstance(params[0], tuple):
+            params = _author_groups(params, weight_decay, dim, n_heads)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "foreach": foreach}
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        check("lr", group["lr"] >= 0.0, f"must be >= 0, got {group['lr']}")
+        betas = group["betas"]
+        check("betas", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), f"each must be in [0, 1), got {betas}")
+        check("eps", group["eps"] >= 0.0, f"must be >= 0, got {group['eps']}")
+        check("weight_decay", group["weight_decay"] >= 0.0, f"must be >= 0, got {group['weight_decay']}")
+        for p in group["params"]:
+            block_layout(group, p)
+
+    def _init_state(self, group: dict) -> None:
+        for p in group["params"]:
+            state = self.state[p]
+            if not state:
+                layout = block_layout(group, p)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                shape = p.shape if layout is None else (n_blocks(layout, p),)
+                state["exp_avg_sq"] = p.new_zeros(shape)
+
+    def _step_group(self, group: dict) -> None:
+        params = params_with_grad(group)
+        if not params:
+            return
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("AdamMini does not support sparse gradients")
+        states = [self.state[p] for p in params]
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = params[0].device.type != "cpu"
+        fn = _multi_tensor_adam_mini if foreach else _single_tensor_adam_mini
+        beta1, beta2 = group["betas"]
+        fn(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            [block_layout(group, p) for p in params],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
