@@ -1,0 +1,154 @@
+"""Sophia's diagonal-Hessian estimators, run by the trainer every ``optimizer.hessian_interval`` steps.
+
+Liu et al. 2023 (arXiv 2305.14342), as the authors' training loop does it: after the normal optimizer step,
+on a fresh micro-batch, estimate the diagonal of the Hessian of the language-model loss and fold it into
+the optimizer's EMA with ``optimizer.update_hessian()``. The extra forward/backward is real compute (it
+counts in train time) but its tokens are not training tokens.
+
+- Gauss-Newton-Bartlett (Sophia-G, :func:`gnb_hessian_update`): labels ``y_hat ~ Categorical(logits)``
+  sampled from the model's own predictions, ``g_hat = grad of mean CE(logits, y_hat)``, clipped like the
+  training gradient; the optimizer uses ``h_hat = g_hat * g_hat`` (times ``bs`` in the step).
+- Hutchinson (Sophia-H, :func:`hutchinson_hessian_update`): ``u ~ N(0, I)``, ``h_hat = u * (H u)`` with
+  ``H u`` a Hessian-vector product of the training loss (double backward); ``E[h_hat] = diag(H)``.
+
+The model is any ``nn.Module`` whose forward takes ``input_ids`` and returns an object with ``.logits``
+of shape (batch, seq, vocab) (Hugging Face causal LMs do). Call inside the training step's autocast
+context. Both functions leave every ``.grad`` at ``None``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def _sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``Categorical(logits=logits).sample()``; with a generator, the same draw from that generator."""
+    logits = logits.detach().float()
+    if generator is None:
+        return torch.distributions.Categorical(logits=logits).sample()
+    probs = torch.distributions.Categorical(logits=logits).probs.flatten(0, -2)
+    if probs.device != generator.device:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, True, generator=generator).view(logits.shape[:-1]).to(logits.device)
+
+
+def sophia_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of the optimizer's own (non-backup) groups: the ones whose Hessian is estimated."""
+    algorithm = getattr(optimizer, "algorithm", None)
+    return [p for g in optimizer.param_groups if g.get("algorithm", algorithm) == algorithm for p in g["params"]]
+
+
+def gnb_hessian_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_ids: Tensor,
+    grad_clip: float | None = None,
+    generator: torch.Generator | None = None,
+) -> None:
+    """One Gauss-Newton-Bartlett estimate on ``input_ids`` (one micro-batch), folded into ``optimizer``.
+
+    Forward, labels sampled from the model's own logits, mean cross-entropy backward, gradient-norm clip
+    to ``grad_clip`` (as training), ``optimizer.update_hessian()``. Under DDP the backward averages
+    ``g_hat`` across ranks, as in the authors' loop.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(input_ids=input_ids).logits
+    _lm_loss(logits, _sample_labels(logits, generator)).backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip, foreach=True)
+    optimizer.update_hessian()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def hutchinson_hessian_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_ids: Tensor,
+    labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> None:
+    """One Hutchinson estimate ``u * (H u)`` of the training loss on ``input_ids``, folded into ``optimizer``.
+
+    ``labels`` are the next-token targets aligned with ``input_ids`` (the trainer's ``targets``); without
+    them the loss is on ``input_ids`` shifted by one. ``u ~ N(0, I)`` is drawn from ``generator`` (or the
+    global RNG) for every parameter of the optimizer's own groups; the estimate goes to ``.grad`` and
+    ``optimizer.update_hessian()`` reads it. Attention runs in SDPA's math kernel, which supports the
+    double backward. Under ``torch.distributed`` the estimate is averaged across ranks (replicated
+    parameters only: sharded DTensor parameters are not supported).
+    """
+    params = [p for p in sophia_params(optimizer) if p.requires_grad]
+    if any(hasattr(p, "to_local") for p in params):
+        raise RuntimeError(
+            "Sophia's Hutchinson estimator does not support sharded (FSDP) parameters: use estimator=gnb"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    if labels is None:
+        input_ids, labels = input_ids[:, :-1], input_ids[:, 1:]
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = _lm_loss(model(input_ids=input_ids).logits, labels)
+        estimates = hutchinson_estimate(loss, params, generator)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if distributed else 1
+    with torch.no_grad():
+        for p, estimate in zip(params, estimates, strict=True):
+            if world > 1:
+                torch.distributed.all_reduce(estimate)
+                estimate /= world
+            p.grad = estimate
+    optimizer.update_hessian()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def hutchinson_estimate(loss: Tensor, params: list[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
+    """``u * (H u)`` per parameter for one Gaussian probe ``u ~ N(0, I)``; ``H`` is the Hessian of ``loss``.
+
+    ``E[u * (H u)] = diag(H)`` (Hutchinson's estimator); parameters the loss does not reach get zeros.
+    """
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # A gradient that does not depend on the parameters (a loss linear in them) has a zero Hessian block.
+    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    probes = [_gaussian_like(params[i], generator) for i in used]
+    hvps = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used], probes, allow_unused=True)
+    estimates = [torch.zeros_like(p) for p in params]
+    for i, u, hv in zip(used, probes, hvps, strict=True):
+        if hv is not None:
+            estimates[i] = (u * hv).detach()
+    return estimates
+
+
+def _gaussian_like(p: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = p.device if generator is None else generator.device
+    return torch.randn(p.shape, generator=generator, device=device, dtype=p.dtype).to(p.device)
+
+
+def hessian_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_ids: Tensor,
+    labels: Tensor | None = None,
+    *,
+    grad_clip: float | None = None,
+    generator: torch.Generator | None = None,
+) -> None:
+    """The estimator the optimizer's groups name (``estimator="gnb"`` or ``"hutchinson"``): one trainer call.
+
+    ``input_ids``/``labels``: one fresh micro-batch (the trainer's inputs and targets); ``grad_clip``: the
+    training clip (GNB only).
+    """
+    algorithm = getattr(optimizer, "algorithm", None)
+    estimators = {
+        g["estimator"] for g in optimizer.param_groups if g.get("algorithm") == algorithm and "estimator" in g
+    }
+    if len(estimators) != 1:
+        raise ValueError(f"expected one Sophia estimator across the optimizer's groups, got {sorted(estimators)}")
+    if estimators.pop() == "gnb":
+        gnb_hessian_update(model, optimizer, input_ids, grad_clip=grad_clip, generator=generator)
+    else:
+        hutchinson_hessian_update(model, optimizer, input_ids, labels, generator=generator)
