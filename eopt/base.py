@@ -11,8 +11,9 @@ Per-group hints the recipe may set (eopt never guesses them from parameter names
 - ``in_out`` (bool): the weights are stored (in, out), like GPT-2's ``Conv1D``; shape-dependent rules
   use the mathematical (out, in) orientation, so they see the transpose.
 - ``split_qkv`` (tuple of ints): a fused QKV weight whose output dim is Q, K, V of these sizes.
-- ``role`` (str): what the tensors are (``embedding``, ``pos_embedding``, ``head``, ``norm``, ``bias``, ``q``, ``k``, ``v``,
-  ``qkv``, ``attn_out``, ``mlp``, ``matrix``, ``vector``); ``n_heads``/``n_kv_heads`` for attention.
+- ``role`` (str): what the tensors are (``embedding``, ``pos_embedding``, ``head``, ``norm``, ``bias``, ``q``,
+  ``k``, ``v``, ``qkv``, ``attn_out``, ``mlp``, ``matrix``, ``vector``); ``n_heads`` (heads in the tensor) and
+  ``n_kv_heads`` for attention.
 
 State is created eagerly when a group is added, so that every rank of a distributed run holds the same
 state keys from the start (lazily created state breaks ``torch.distributed.checkpoint``).
@@ -61,8 +62,11 @@ class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def add_param_group(self, param_group: dict) -> None:
         param_group.setdefault("algorithm", self.algorithm)
         algorithm = param_group["algorithm"]
-        check("algorithm", algorithm in ("adamw", self.algorithm),
-              f"a {type(self).__name__} param group takes 'adamw' or {self.algorithm!r}, got {algorithm!r}")
+        check(
+            "algorithm",
+            algorithm in ("adamw", self.algorithm),
+            f"a {type(self).__name__} param group takes 'adamw' or {self.algorithm!r}, got {algorithm!r}",
+        )
         if algorithm == "adamw" and self.algorithm != "adamw":
             for key, value in ADAMW_DEFAULTS.items():
                 param_group.setdefault(key, value)

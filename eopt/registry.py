@@ -12,7 +12,21 @@ import torch
 from eopt._adamw import ADAMW_DEFAULTS
 from eopt.base import Optimizer
 
-ROLES = ("embedding", "pos_embedding", "head", "norm", "bias", "q", "k", "v", "qkv", "attn_out", "mlp", "matrix", "vector")
+ROLES = (
+    "embedding",
+    "pos_embedding",
+    "head",
+    "norm",
+    "bias",
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "attn_out",
+    "mlp",
+    "matrix",
+    "vector",
+)
 HINT_KEYS = ("role", "in_out", "split_qkv", "n_heads", "n_kv_heads")
 BACKUP_ROLES = ("embedding", "pos_embedding", "head")
 

@@ -31,5 +31,8 @@ def format_user_error(e: BaseException) -> str:
         key = getattr(cause, "full_key", None)
         where = f" ({key})" if key and key not in message else ""
         return f"{message}{where}: {_HINT}"
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = str(e).split("Config search path")[0]
+    lines = [line.strip().rstrip(":") for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Available options"):
+        return f"{lines[0]}; {lines[1].lower()}: {', '.join(lines[2:])}"
     return "; ".join(lines) + f" ({_HINT})"

@@ -45,11 +45,13 @@ def check_model_config(cfg: ModelConfig) -> None:
         )
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int) -> GPT2Config | LlamaConfig:
-    """The transformers config for ``cfg`` with ``vocab_size`` tokens."""
+def hf_config(cfg: ModelConfig, vocab_size: int, eot_token: int | None = None) -> GPT2Config | LlamaConfig:
+    """The transformers config for ``cfg`` with ``vocab_size`` tokens; ``eot_token`` is its BOS/EOS id."""
     if cfg.family == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
+            bos_token_id=eot_token,
+            eos_token_id=eot_token,
             n_positions=cfg.max_position_embeddings,
             n_embd=cfg.hidden_size,
             n_layer=cfg.n_layer,
@@ -66,6 +68,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> GPT2Config | LlamaConfig:
         )
     return LlamaConfig(
         vocab_size=vocab_size,
+        bos_token_id=eot_token,
+        eos_token_id=eot_token,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
         num_hidden_layers=cfg.n_layer,
@@ -81,7 +85,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> GPT2Config | LlamaConfig:
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, eot_token: int | None = None) -> nn.Module:
     """A freshly initialized model (or ``cfg.init_from``'s weights) on the current default device."""
     check_model_config(cfg)
     if cfg.init_from is not None:
@@ -97,7 +101,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
                 f"{vocab_size}: prepare the data with that checkpoint's tokenizer"
             )
         return model
-    hf_cfg = hf_config(cfg, vocab_size)
+    hf_cfg = hf_config(cfg, vocab_size, eot_token)
     return GPT2LMHeadModel(hf_cfg) if cfg.family == "gpt2" else LlamaForCausalLM(hf_cfg)
 
 

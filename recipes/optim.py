@@ -62,8 +62,7 @@ def optimizer_kwargs(ocfg: Mapping[str, Any]) -> tuple[str, dict]:
     return name, kwargs
 
 
-def build_optimizer(model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_step: int) -> torch.optim.Optimizer:
-    """The eopt optimizer for ``model``, parameters routed with the model's hints."""
+def _build(named_parameters, hints: dict, ocfg: Mapping[str, Any], tokens_per_step: int) -> torch.optim.Optimizer:
     name, kwargs = optimizer_kwargs(ocfg)
     if "bs" in eopt.OPTIMIZERS[name].defaults and kwargs.get("bs") is None:
         kwargs["bs"] = tokens_per_step
@@ -72,17 +71,28 @@ def build_optimizer(model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_ste
         backup = {k: tuple(v) if k == "betas" else v for k, v in backup.items()}
     try:
         return eopt.build(
-            model.named_parameters(),
+            named_parameters,
             name,
             backup=backup,
             rules=dict(ocfg.get("rules") or {}),
-            hints=param_hints(model),
+            hints=hints,
             routing=ocfg.get("routing"),
             decay_1d=bool(ocfg.get("decay_1d", False)),
             **kwargs,
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"optimizer ({name}): {e}") from e
+
+
+def check_optimizer(ocfg: Mapping[str, Any]) -> None:
+    """Validate an optimizer config by building it over two small stand-in parameters (before any real work)."""
+    params = [("matrix", nn.Parameter(torch.zeros(4, 4))), ("vector", nn.Parameter(torch.zeros(4)))]
+    _build(params, {}, ocfg, tokens_per_step=1)
+
+
+def build_optimizer(model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_step: int) -> torch.optim.Optimizer:
+    """The eopt optimizer for ``model``, parameters routed with the model's hints."""
+    return _build(model.named_parameters(), param_hints(model), ocfg, tokens_per_step)
 
 
 def check_schedule(cfg: ScheduleConfig) -> None:

@@ -3,6 +3,7 @@ schedule -> metrics, eval, checkpoint. Train time excludes evaluation and checkp
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import signal
@@ -22,8 +23,8 @@ from recipes.config import Config
 from recipes.data import TrainBatches, read_meta, val_batches
 from recipes.errors import CheckpointError, ConfigError, DataError, TrainingError
 from recipes.metrics import MetricsLogger, write_json_atomic
-from recipes.models import build_model, count_params, flops_per_token, peak_flops
-from recipes.optim import build_optimizer, build_scheduler, group_learning_rates
+from recipes.models import build_model, check_model_config, count_params, flops_per_token, peak_flops
+from recipes.optim import build_optimizer, build_scheduler, check_optimizer, check_schedule, group_learning_rates
 from recipes.prepare import prepare
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,17 +52,15 @@ class RunState:
     time_to_target: float | None = None
 
 
-def plan_run(cfg: Config, meta: dict[str, Any], world_size: int = 1) -> Plan:
-    """Resolve device, dtype, vocabulary, accumulation and budget; every cross-field check lives here."""
+def check_config(cfg: Config, world_size: int = 1) -> None:
+    """Every check that needs only the config, run before any work (data preparation included)."""
     t = cfg.train
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device={t.device!r} must be auto, cpu or cuda")
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available: use train.device=cpu (or auto)")
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else t.device.replace("auto", "cpu"))
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype={t.dtype!r} must be auto, fp32 or bf16")
-    dtype = DTYPES[t.dtype] if t.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     for key in ("batch_size", "micro_batch_size", "seq_len", "eval_every", "log_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
@@ -73,17 +72,30 @@ def plan_run(cfg: Config, meta: dict[str, Any], world_size: int = 1) -> Plan:
         raise ConfigError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be > 0, or null to disable clipping")
-    per_step = t.micro_batch_size * world_size
-    if t.batch_size % per_step:
+    if t.batch_size % (t.micro_batch_size * world_size):
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size} x "
-            f"{world_size} device(s): make the global batch a multiple of {per_step}"
+            f"{world_size} device(s): make the global batch a multiple of {t.micro_batch_size * world_size}"
         )
     if t.seq_len > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}: "
             "shorten the sequences or pick a model with more positions"
         )
+    if t.target_val_loss is not None and t.target_val_loss <= 0:
+        raise ConfigError(f"train.target_val_loss={t.target_val_loss} must be > 0, or null")
+    check_model_config(cfg.model)
+    check_optimizer(cfg.optimizer)
+    check_schedule(cfg.schedule)
+
+
+def plan_run(cfg: Config, meta: dict[str, Any], world_size: int = 1) -> Plan:
+    """Resolve device, dtype, vocabulary, accumulation and budget for a checked config and prepared data."""
+    t = cfg.train
+    device = torch.device(
+        "cuda" if t.device == "auto" and torch.cuda.is_available() else t.device.replace("auto", "cpu")
+    )
+    dtype = DTYPES[t.dtype] if t.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     vocab_size = cfg.model.vocab_size or meta["vocab_size"]
     if meta["vocab_size"] > vocab_size:
         raise DataError(
@@ -92,8 +104,8 @@ def plan_run(cfg: Config, meta: dict[str, Any], world_size: int = 1) -> Plan:
         )
     tokens_per_step = t.batch_size * t.seq_len
     max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens is not None else t.max_steps
-    return Plan(device, dtype if dtype != torch.float32 else None, vocab_size, t.batch_size // per_step,
-                tokens_per_step, max_steps)
+    accum_steps = t.batch_size // (t.micro_batch_size * world_size)
+    return Plan(device, dtype if dtype != torch.float32 else None, vocab_size, accum_steps, tokens_per_step, max_steps)
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
@@ -101,8 +113,14 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     c = OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
     train = {k: c["train"][k] for k in ("max_steps", "max_tokens", "batch_size", "seq_len", "grad_clip", "dtype")}
     data = {k: c["data"][k] for k in ("name", "tokenizer", "vocab_size", "hf_path", "hf_name", "files")}
-    return {"seed": c["seed"], "model": c["model"], "optimizer": c["optimizer"], "data": data,
-            "schedule": c["schedule"], "train": train}
+    return {
+        "seed": c["seed"],
+        "model": c["model"],
+        "optimizer": c["optimizer"],
+        "data": data,
+        "schedule": c["schedule"],
+        "train": train,
+    }
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -149,7 +167,9 @@ def train_step(model: nn.Module, micro_batches: list, optimizer, plan: Plan, gra
     loss_sum = torch.zeros((), device=plan.device)
     for inputs, targets in micro_batches:
         with torch.autocast(plan.device.type, plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
-            loss = cross_entropy(model, inputs.to(plan.device, non_blocking=True), targets.to(plan.device, non_blocking=True))
+            loss = cross_entropy(
+                model, inputs.to(plan.device, non_blocking=True), targets.to(plan.device, non_blocking=True)
+            )
         (loss / len(micro_batches)).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
@@ -169,15 +189,21 @@ def peak_memory(device: torch.device) -> int:
 def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Train as ``cfg`` says, writing metrics, checkpoints and the summary to ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    check_config(cfg)
     data_dir = prepare(cfg.data, progress=cfg.logger.progress)
     meta = read_meta(data_dir)
     plan = plan_run(cfg, meta)
+    torch.manual_seed(cfg.seed)
     with plan.device:
-        model = build_model(cfg.model, plan.vocab_size)
+        model = build_model(cfg.model, plan.vocab_size, eot_token=meta["eot_token"])
     n_params = count_params(model)
-    summary: dict[str, Any] = {"model": cfg.model.name, "optimizer": cfg.optimizer["name"], "data": cfg.data.name,
-                               "params": n_params, "run_dir": str(run_dir)}
+    summary: dict[str, Any] = {
+        "model": cfg.model.name,
+        "optimizer": cfg.optimizer["name"],
+        "data": cfg.data.name,
+        "params": n_params,
+        "run_dir": str(run_dir),
+    }
     if plan.max_steps == 0:
         write_json_atomic(run_dir / "summary.json", summary)
         return summary
@@ -185,8 +211,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optimizer, tokens_per_step=plan.tokens_per_step)
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.max_steps)
     t = cfg.train
-    batches = TrainBatches(data_dir, seq_len=t.seq_len, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
-                           seed=cfg.seed)
+    batches = TrainBatches(
+        data_dir, seq_len=t.seq_len, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, seed=cfg.seed
+    )
     val = val_batches(data_dir, eval_tokens=t.eval_tokens, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size)
     if not val:
         raise DataError(f"the val split of {data_dir} has fewer than train.seq_len+1 tokens: prepare more data")
@@ -201,6 +228,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             raise CheckpointError(f"cannot resume from {latest}: {diff}; match the config or use a new run directory")
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
+        if plan.device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         state = RunState(**saved["state"])
 
     forward_model = torch.compile(model) if t.compile else model
@@ -208,35 +237,50 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     stop = StopSignal()
     flops = flops_per_token(model, t.seq_len)
     peak = peak_flops(plan.device, plan.amp_dtype or torch.float32)
-    log.print(f"{cfg.model.name}: {n_params:,} params | {cfg.optimizer['name']} | {plan.max_steps} steps x "
-              f"{plan.tokens_per_step:,} tokens | {plan.device} {str(plan.amp_dtype or torch.float32)[6:]} | {run_dir}")
+    log.print(
+        f"{cfg.model.name}: {n_params:,} params | {cfg.optimizer['name']} | {plan.max_steps} steps x "
+        f"{plan.tokens_per_step:,} tokens | {plan.device} {str(plan.amp_dtype or torch.float32)[6:]} | {run_dir}"
+    )
     if latest is not None:
         log.print(f"resumed from {latest.name} (step {state.step})")
 
     def save_checkpoint() -> None:
-        checkpointer.save(state.step, model, optimizer, {"state": asdict(state), "scheduler": scheduler.state_dict(),
-                                                         "rng": torch.get_rng_state(), "config": fingerprint(cfg)})
+        trainer_state = {
+            "state": asdict(state),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "config": fingerprint(cfg),
+        }
+        if plan.device.type == "cuda":
+            trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        checkpointer.save(state.step, model, optimizer, trainer_state)
 
     def run_eval() -> float:
         val_loss = evaluate(forward_model, val, plan)
         log.log({"step": state.step, "tokens": state.tokens, "time": state.train_time, "val/loss": val_loss})
         log.print(f"step {state.step:>6} | val/loss {val_loss:.4f}")
         if t.target_val_loss is not None and state.steps_to_target is None and val_loss <= t.target_val_loss:
-            state.steps_to_target, state.tokens_to_target, state.time_to_target = state.step, state.tokens, state.train_time
+            state.steps_to_target, state.tokens_to_target, state.time_to_target = (
+                state.step,
+                state.tokens,
+                state.train_time,
+            )
             log.print(f"target val/loss {t.target_val_loss} reached at step {state.step} ({state.tokens:,} tokens)")
         return val_loss
 
     if state.step >= plan.max_steps or state.steps_to_target is not None:
         log.print(f"{run_dir} is already complete (step {state.step}): nothing to do")
         log.close()
-        return summary
+        done = run_dir / "summary.json"
+        return json.loads(done.read_text()) if done.exists() else summary
     val_loss = run_eval() if state.step == 0 else None
     window = torch.zeros(2, device=plan.device)  # sums of loss and grad norm since the last log line
     window_steps, window_start = 0, (state.tokens, state.train_time)
     while state.step < plan.max_steps and state.steps_to_target is None:
         step_start = time.perf_counter()
-        loss, grad_norm, optim_seconds = train_step(forward_model, batches.micro_batches(state.step), optimizer, plan,
-                                                    t.grad_clip)
+        loss, grad_norm, optim_seconds = train_step(
+            forward_model, batches.micro_batches(state.step), optimizer, plan, t.grad_clip
+        )
         lrs = group_learning_rates(optimizer)
         scheduler.step()
         if plan.device.type == "cuda":
@@ -248,7 +292,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         window_steps += 1
 
         last = state.step == plan.max_steps
-        if state.step % t.log_every == 0 or last or stop.signum is not None:
+        checkpoint_due = t.checkpoint_every > 0 and state.step % t.checkpoint_every == 0
+        if state.step % t.log_every == 0 or last or checkpoint_due or stop.signum is not None:
             loss_sum, _ = window.tolist()
             if not all(math.isfinite(v) for v in window.tolist()):
                 raise TrainingError(
@@ -257,17 +302,28 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 )
             step_loss, norm = loss.item(), grad_norm.item()
             tokens_per_s = (state.tokens - window_start[0]) / max(state.train_time - window_start[1], 1e-9)
-            record = {"step": state.step, "tokens": state.tokens, "time": state.train_time, "train/loss": step_loss,
-                      "train/loss_avg": loss_sum / window_steps, "grad_norm": norm, **lrs,
-                      "tokens_per_s": tokens_per_s, "optim/step_ms": optim_seconds * 1e3,
-                      "optim/state_bytes": eopt.state_bytes(optimizer), "mem/peak_bytes": peak_memory(plan.device)}
+            record = {
+                "step": state.step,
+                "tokens": state.tokens,
+                "time": state.train_time,
+                "train/loss": step_loss,
+                "train/loss_avg": loss_sum / window_steps,
+                "grad_norm": norm,
+                **lrs,
+                "tokens_per_s": tokens_per_s,
+                "optim/step_ms": optim_seconds * 1e3,
+                "optim/state_bytes": eopt.state_bytes(optimizer),
+                "mem/peak_bytes": peak_memory(plan.device),
+            }
             if peak is not None:
                 record["mfu"] = flops * tokens_per_s / peak
             log.log(record)
             log.advance(window_steps, loss=step_loss)
             if not log.interactive:
-                log.print(f"step {state.step:>6} | loss {step_loss:.4f} | {tokens_per_s:,.0f} tok/s | "
-                          f"optim {optim_seconds * 1e3:.1f} ms")
+                log.print(
+                    f"step {state.step:>6} | loss {step_loss:.4f} | {tokens_per_s:,.0f} tok/s | "
+                    f"optim {optim_seconds * 1e3:.1f} ms"
+                )
             window.zero_()
             window_steps, window_start = 0, (state.tokens, state.train_time)
         if state.step % t.eval_every == 0 or last:
@@ -275,9 +331,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         if stop.signum is not None:
             save_checkpoint()
             log.close()
-            raise SystemExit(f"stopped by signal {stop.signum} at step {state.step}; checkpoint saved in "
-                             f"{checkpointer.directory}: run the same command again to resume")
-        if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+            raise SystemExit(
+                f"stopped by signal {stop.signum} at step {state.step}; checkpoint saved in "
+                f"{checkpointer.directory}: run the same command again to resume"
+            )
+        if checkpoint_due:
             save_checkpoint()
 
     if val_loss is None:
@@ -286,10 +344,19 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if t.save_model:
         model.save_pretrained(run_dir / "model")
     log.close()
-    summary.update({"final_val_loss": val_loss, "tokens": state.tokens, "train_time_s": state.train_time,
-                    "steps": state.step, "target_val_loss": t.target_val_loss,
-                    "tokens_to_target": state.tokens_to_target, "time_to_target_s": state.time_to_target,
-                    "steps_to_target": state.steps_to_target, "tokens_per_step": plan.tokens_per_step,
-                    "optim/state_bytes": eopt.state_bytes(optimizer)})
+    summary.update(
+        {
+            "final_val_loss": val_loss,
+            "tokens": state.tokens,
+            "train_time_s": state.train_time,
+            "steps": state.step,
+            "target_val_loss": t.target_val_loss,
+            "tokens_to_target": state.tokens_to_target,
+            "time_to_target_s": state.time_to_target,
+            "steps_to_target": state.steps_to_target,
+            "tokens_per_step": plan.tokens_per_step,
+            "optim/state_bytes": eopt.state_bytes(optimizer),
+        }
+    )
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
