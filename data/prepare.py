@@ -7,9 +7,11 @@ Examples:
   python data/prepare.py hf HuggingFaceFW/fineweb --name sample-10BT --max-tokens 100000000 --num-proc 8
   python data/prepare.py fineweb10b --max-tokens 900000000         # the speedrun's GPT-2 shards (download)
 
-The dataset goes to <root>/<dir name> (default root: data/, printed at the end); train with the same
-settings, e.g. `python train.py data=text_files data.files='[corpus/**/*.jsonl]' data.tokenizer=gpt2`.
-An existing dataset is only checked, never rebuilt, unless --force is given.
+The dataset goes to <root>/<dir name> (default root: data/; the path is printed at the end). `python train.py`
+prepares its data set itself on first use; to train on one prepared here, pass the same settings
+(`python train.py data=text_files data.files='[corpus/**/*.jsonl]' data.tokenizer=gpt2`) or its name
+(`python train.py data=text_files data.dir_name=<dir name>`). An existing dataset is only checked, never
+rebuilt, unless --force is given.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"tokenizer {meta['tokenizer']['name']} (vocab {meta['vocab_size']}, eot {meta['eot_token']}, {meta['dtype']})"
     )
-    print(f"train on it: python train.py data.root={cfg.root} data.dir_name={directory.name}")
+    print(f"train on it: python train.py data={cfg.name} data.root={cfg.root} data.dir_name={directory.name}")
     return 0
 
 

@@ -147,20 +147,19 @@ def _split_shards(data_dir: Path, meta: Mapping[str, Any], split: str) -> list[n
     return shards
 
 
-def _windows(shards: list[np.ndarray], seq_len: int, index: np.ndarray, first: np.ndarray) -> torch.Tensor:
-    """Gather windows ``index`` (global window ids; ``first[i]`` = id of shard i's first window) as int64."""
+def _windows(
+    shards: list[np.ndarray], seq_len: int, index: np.ndarray, first: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (int64, ``(len(index), seq_len)``) of global windows ``index``; window ``j`` of
+    shard ``i`` (global id ``first[i] + j``) holds tokens ``j*seq_len .. (j+1)*seq_len`` of that shard."""
     shard_of = np.searchsorted(first, index, side="right") - 1
     starts = (index - first[shard_of]) * seq_len
-    out = np.empty((index.size, seq_len + 1), dtype=np.int64)
-    offsets = np.arange(seq_len + 1)
-    for s in np.unique(shard_of):
-        rows = np.flatnonzero(shard_of == s)
-        out[rows] = shards[s][starts[rows, None] + offsets]
-    return torch.from_numpy(out)
-
-
-def _inputs_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    inputs = np.empty((index.size, seq_len), dtype=np.int64)
+    targets = np.empty_like(inputs)
+    for row, (s, start) in enumerate(zip(shard_of.tolist(), starts.tolist(), strict=True)):
+        window = shards[s][start : start + seq_len + 1]  # one contiguous read per sequence
+        inputs[row], targets[row] = window[:-1], window[1:]
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
 class TrainBatches:
@@ -230,8 +229,8 @@ class TrainBatches:
         self._perms.move_to_end(key)
         return self._perms[key]
 
-    def _samples(self, stream: int, first: int, count: int) -> torch.Tensor:
-        """Windows of samples ``first .. first + count - 1`` of ``stream``: int64 (count, seq_len + 1)."""
+    def _samples(self, stream: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of samples ``first .. first + count - 1`` of ``stream``."""
         if first < 0:
             raise ValueError(f"step must be >= 0 (sample {first})")
         samples = np.arange(first, first + count, dtype=np.int64)
@@ -245,8 +244,7 @@ class TrainBatches:
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches ``(inputs, targets)``, int64 ``(micro_batch_size, seq_len)``, for ``step``."""
         per_rank = self.batch_size // self.world_size
-        windows = self._samples(_TRAIN_STREAM, step * self.batch_size + self.rank * per_rank, per_rank)
-        inputs, targets = _inputs_targets(windows)
+        inputs, targets = self._samples(_TRAIN_STREAM, step * self.batch_size + self.rank * per_rank, per_rank)
         return list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size), strict=True))
 
     def fresh_micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +254,7 @@ class TrainBatches:
         never shifts the training order, and is also a pure function of ``(seed, step)``, disjoint across ranks.
         """
         mbs = self.micro_batch_size
-        return _inputs_targets(self._samples(_FRESH_STREAM, (step * self.world_size + self.rank) * mbs, mbs))
+        return self._samples(_FRESH_STREAM, (step * self.world_size + self.rank) * mbs, mbs)
 
 
 def val_batches(
@@ -301,9 +299,5 @@ def val_batches(
             tokens.append(np.asarray(shard[max(begin, 0) : min(end, len(shard))], dtype=np.int64))
         begin, end = begin - len(shard), end - len(shard)
     stream = torch.from_numpy(np.concatenate(tokens))
-    inputs = stream[:-1].view(hi - lo, seq_len)
-    targets = stream[1:].unfold(0, seq_len, seq_len)
-    return [
-        (x, y.contiguous())
-        for x, y in zip(inputs.split(micro_batch_size), targets.split(micro_batch_size), strict=True)
-    ]
+    inputs, targets = stream[:-1].view(hi - lo, seq_len), stream[1:].view(hi - lo, seq_len)
+    return list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size), strict=True))
