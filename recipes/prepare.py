@@ -18,7 +18,8 @@ Tokenizers (``data.tokenizer``): ``bpe`` trains a byte-level BPE with the ``toke
 train split (``vocab_size`` tokens including ``<|endoftext|>``); ``gpt2`` (or ``tiktoken:<encoding>``) uses
 tiktoken; anything else is a Hugging Face tokenizer (a local directory or a name in the HF cache) loaded by
 ``transformers``. The tokenizer is saved in the dataset directory (for ``bpe`` and HF tokenizers,
-``AutoTokenizer.from_pretrained(<dataset dir>)`` loads it back).
+``AutoTokenizer.from_pretrained(<dataset dir>)`` loads it back). With ``bpe`` the source is read twice (once
+to train the tokenizer, once to encode); set ``max_tokens`` for large streams.
 
 :func:`prepare` builds into a hidden temporary directory and renames it when complete, so an interrupted
 prepare never leaves a directory that looks like a dataset; on later calls it only checks the dataset.
