@@ -22,6 +22,7 @@ from recipes.checkpoint import Checkpointer
 from recipes.config import Config
 from recipes.data import TrainBatches, read_meta, val_batches
 from recipes.errors import CheckpointError, ConfigError, DataError, TrainingError
+from recipes.hessian import hessian_update
 from recipes.metrics import MetricsLogger, write_json_atomic
 from recipes.models import build_model, check_model_config, count_params, flops_per_token, peak_flops
 from recipes.optim import build_optimizer, build_scheduler, check_optimizer, check_schedule, group_learning_rates
@@ -180,6 +181,15 @@ def train_step(model: nn.Module, micro_batches: list, optimizer, plan: Plan, gra
     return loss_sum / len(micro_batches), grad_norm, optim_seconds
 
 
+def estimate_hessian(model: nn.Module, optimizer, batch: tuple, plan: Plan, cfg: Config, step: int) -> None:
+    """Sophia's Hessian estimate on a fresh micro-batch, after the step; its sampling is seeded by (seed, step)
+    so that a resumed run draws what an uninterrupted one does."""
+    inputs, targets = (x.to(plan.device) for x in batch)
+    generator = torch.Generator(plan.device).manual_seed(cfg.seed * 1_000_003 + step)
+    with torch.autocast(plan.device.type, plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
+        hessian_update(model, optimizer, inputs, targets, grad_clip=cfg.train.grad_clip, generator=generator)
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -232,6 +242,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         state = RunState(**saved["state"])
 
+    hessian_interval = cfg.optimizer.get("hessian_interval", 10) if hasattr(optimizer, "update_hessian") else 0
     forward_model = torch.compile(model) if t.compile else model
     log = MetricsLogger(run_dir, cfg.logger, plan.max_steps, state.step)
     stop = StopSignal()
@@ -281,6 +292,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         loss, grad_norm, optim_seconds = train_step(
             forward_model, batches.micro_batches(state.step), optimizer, plan, t.grad_clip
         )
+        if hessian_interval and state.step % hessian_interval == hessian_interval - 1:
+            estimate_hessian(forward_model, optimizer, batches.fresh_micro_batch(state.step), plan, cfg, state.step)
         lrs = group_learning_rates(optimizer)
         scheduler.step()
         if plan.device.type == "cuda":
@@ -317,6 +330,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             }
             if peak is not None:
                 record["mfu"] = flops * tokens_per_s / peak
+            if getattr(optimizer, "win_rate", None) is not None:
+                record["optim/sophia_win_rate"] = optimizer.win_rate.item()
             log.log(record)
             log.advance(window_steps, loss=step_loss)
             if not log.interactive:
