@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from recipes.config import DataConfig  # noqa: E402
-from recipes.data import read_meta  # noqa: E402
 from recipes.errors import RecipeError  # noqa: E402
-from recipes.prepare import SOURCES, dataset_dir, prepare  # noqa: E402
+
+SOURCES = ("pystdlib", "text_files", "hf", "fineweb10b")  # the subcommands, as recipes.prepare.SOURCES
 
 DEFAULTS = DataConfig()
 
@@ -112,6 +112,10 @@ def config_from_args(args: argparse.Namespace) -> DataConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported after parsing so that --help answers at once (these import torch via recipes.data).
+    from recipes.data import read_meta
+    from recipes.prepare import dataset_dir, prepare
+
     cfg = config_from_args(args)
     try:
         existed = dataset_dir(cfg).exists() and not args.force
