@@ -128,11 +128,14 @@ def test_multi_process_tokenization(tmp_path, corpus):
     check_documents(directory, corpus, 0.3)
 
 
-def test_hf_tokenizer_from_a_local_directory(tmp_path, corpus):
+@pytest.mark.parametrize(("first_word_id", "dtype"), [(2, "uint16"), (70_000, "uint32")])
+def test_hf_tokenizer_from_a_local_directory(tmp_path, corpus, first_word_id, dtype):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(sorted(set(" ".join(corpus).split())))}}
+    words = sorted(set(" ".join(corpus).split()))
+    filler = {f"<unused{i}>": i for i in range(2, first_word_id)}  # pushes the ids past uint16 when large
+    vocab = {"[UNK]": 0, "<eos>": 1, **filler, **{w: first_word_id + i for i, w in enumerate(words)}}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="<eos>", unk_token="[UNK]").save_pretrained(
@@ -140,16 +143,13 @@ def test_hf_tokenizer_from_a_local_directory(tmp_path, corpus):
     )
     oracle = AutoTokenizer.from_pretrained(tmp_path / "tok")
 
-    def decode(directory, split):  # compare ids: the documents encoded by transformers itself
-        return [oracle.decode(d.tolist()) for d in split_stream(directory, split)]
-
     directory = prepare(text_files_cfg(tmp_path, tokenizer=str(tmp_path / "tok")), progress=False)
     meta = read_meta(directory)
-    assert meta["vocab_size"] == len(oracle) and meta["eot_token"] == 1 and meta["tokenizer"]["kind"] == "hf"
-    streams = {s: split_stream(directory, s) for s in ("train", "val")}
-    for split, wanted in (("val", True), ("train", False)):
+    assert (meta["vocab_size"], meta["eot_token"], meta["dtype"]) == (len(oracle), 1, dtype)
+    assert meta["tokenizer"]["kind"] == "hf"
+    for split, wanted in (("val", True), ("train", False)):  # the documents as transformers itself encodes them
         expected = [oracle(d, add_special_tokens=False)["input_ids"] for d in corpus if in_val(d, 0.3) == wanted]
-        assert [d.tolist() for d in streams[split]] == expected
+        assert [d.tolist() for d in split_stream(directory, split)] == expected
     assert len(AutoTokenizer.from_pretrained(directory)) == len(oracle)  # the tokenizer is saved with the data
 
 
