@@ -20,7 +20,7 @@ from torch import nn
 import eopt
 from recipes.checkpoint import Checkpointer
 from recipes.config import Config
-from recipes.data import TrainBatches, read_meta, val_batches
+from recipes.data import TrainBatches, check_vocab_fits, read_meta, val_batches
 from recipes.errors import CheckpointError, ConfigError, DataError, TrainingError
 from recipes.hessian import hessian_update
 from recipes.metrics import MetricsLogger, write_json_atomic
@@ -98,11 +98,7 @@ def plan_run(cfg: Config, meta: dict[str, Any], world_size: int = 1) -> Plan:
     )
     dtype = DTYPES[t.dtype] if t.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     vocab_size = cfg.model.vocab_size or meta["vocab_size"]
-    if meta["vocab_size"] > vocab_size:
-        raise DataError(
-            f"the tokenizer of {cfg.data.name} has {meta['vocab_size']} tokens but model.vocab_size={vocab_size}: "
-            "raise model.vocab_size or leave it null to use the tokenizer's"
-        )
+    check_vocab_fits(meta, vocab_size)
     tokens_per_step = t.batch_size * t.seq_len
     max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens is not None else t.max_steps
     accum_steps = t.batch_size // (t.micro_batch_size * world_size)
@@ -158,9 +154,9 @@ def evaluate(model: nn.Module, batches: list, plan: Plan) -> float:
     total = torch.zeros((), device=plan.device)
     for inputs, targets in batches:
         with torch.autocast(plan.device.type, plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
-            total += cross_entropy(model, inputs.to(plan.device), targets.to(plan.device))
+            total += cross_entropy(model, inputs.to(plan.device), targets.to(plan.device)) * targets.numel()
     model.train()
-    return (total / len(batches)).item()
+    return (total / sum(targets.numel() for _, targets in batches)).item()
 
 
 def train_step(model: nn.Module, micro_batches: list, optimizer, plan: Plan, grad_clip: float | None):
