@@ -1,0 +1,412 @@
+"""Kronecker-factor kernels shared by :class:`eopt.SOAP` and :class:`eopt.Shampoo`.
+
+Both optimizers keep, for each preconditioned dim ``i`` of a gradient ``G``, a factor
+``F_i = sum_t w_t * G_(i) G_(i)^T`` where ``G_(i)`` is ``G`` unfolded with dim ``i`` as rows. Every kernel
+here works on a *batch*: a leading dim ``B`` that stacks same-shape tensors, so one ``baddbmm`` / ``eigh``
+/ ``qr`` call serves every same-shape matrix of a model. The pieces:
+
+- :func:`merge_small_dims`, :func:`block_slices`, :func:`tensor_blocks`: how a tensor is reshaped or cut
+  before it gets factors (SOAP's ``merge_dims``; Shampoo's ``max_preconditioner_dim`` blocks).
+- :func:`update_factor_`: ``F = beta * F + weight * G_(i) G_(i)^T`` fused into one batched GEMM.
+- :func:`contract`: multiply a batched tensor by a (per-batch) matrix along one dim (the rotation into and
+  out of an eigenbasis).
+- :func:`eigh_descending`, :func:`sort_basis`, :func:`power_qr`, :func:`inverse_root`: eigenbases and root
+  inverses, batched, with a float64 retry when fp32 LAPACK fails and, if that fails too (or returns
+  non-finite numbers), the previous basis kept and the event counted in a device tensor (no host sync).
+- :class:`StateBuckets`: per-parameter state tensors that are views into one batched buffer per shape, so
+  the batched kernels run on the state in place (no stacking copy per step) while ``optimizer.state``
+  keeps ordinary per-parameter entries for ``state_dict`` and distributed checkpointing.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from eopt.base import Optimizer, ParamGroups, group_by_shape
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+def merge_small_dims(shape: Sequence[int], max_dim: int) -> list[int]:
+    """Merge adjacent dims while their product stays ``<= max_dim`` (SOAP's ``merge_dims``, authors' rule).
+
+    A dim larger than ``max_dim`` stays on its own (it will get no factor). ``[4, 6, 8]`` with 30 gives
+    ``[24, 8]``; ``[3, 3, 3, 3]`` with 9 gives ``[9, 9]``.
+    """
+    merged: list[int] = []
+    current = 1
+    for size in shape:
+        if current * size > max_dim:
+            if current > 1:
+                merged.append(current)
+                current = size
+            else:
+                merged.append(size)
+                current = 1
+        else:
+            current *= size
+    if current > 1 or not merged:
+        merged.append(current)
+    return merged
+
+
+def block_slices(size: int, block: int) -> list[slice]:
+    """Cut ``range(size)`` into consecutive slices of length ``block`` (the last one shorter)."""
+    return [slice(start, min(start + block, size)) for start in range(0, size, block)]
+
+
+def tensor_blocks(shape: Sequence[int], max_dim: int) -> list[tuple[slice, ...]]:
+    """Blocks of a tensor whose every dim is at most ``max_dim`` (DistributedShampoo's blocking).
+
+    Each dim is cut by :func:`block_slices`; the blocks are the Cartesian product, in row-major order.
+    A 3000 x 100 matrix with ``max_dim=1024`` gives rows 0:1024, 1024:2048, 2048:3000, all columns.
+    """
+    blocks: list[tuple[slice, ...]] = [()]
+    for size in shape:
+        blocks = [(*b, s) for b in blocks for s in block_slices(size, max_dim)]
+    return blocks
+
+
+# ---------------------------------------------------------------------------------- factor products
+
+
+def unfold(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """View batched ``x`` of shape ``(B, d_1, ..., d_k)`` as ``(B, d_dim, rest)``, or ``(B, rest, d_dim).mT``.
+
+    The last dim is returned as a transposed view, so no copy is made for the common 2-D cases.
+    """
+    if dim == x.ndim - 1:
+        return x.reshape(x.shape[0], -1, x.shape[-1]).mT
+    return x.movedim(dim, 1).reshape(x.shape[0], x.shape[dim], -1)
+
+
+def update_factor_(factor: torch.Tensor, x: torch.Tensor, dim: int, beta: float, weight: float) -> None:
+    """``factor = beta * factor + weight * X X^T`` with ``X`` the unfolding of batched ``x`` along ``dim``.
+
+    One ``baddbmm`` per call: the EMA and the product are fused in the GEMM (alpha/beta), so the factor is
+    read and written once. ``factor`` has shape ``(B, d, d)``; ``x`` has shape ``(B, d_1, ..., d_k)``.
+    """
+    u = unfold(x, dim).to(factor.dtype)
+    factor.lerp_(torch.bmm(u, u.mT), weight)
+
+
+def contract(x: torch.Tensor, q: torch.Tensor, dim: int, transpose: bool) -> torch.Tensor:
+    """Multiply batched ``x`` along ``dim`` by ``q^T`` (``transpose=True``) or ``q``.
+
+    ``x``: ``(B, d_1, ..., d_k)``; ``q``: ``(B, d_dim, d_dim)``. With ``transpose`` this is the rotation
+    into the eigenbasis (``Q^T`` applied to every fiber along ``dim``), without it the rotation back.
+    """
+    if dim == x.ndim - 1:
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        return torch.bmm(flat, q if transpose else q.mT).reshape(x.shape)
+    moved = x.movedim(dim, 1)
+    flat = moved.reshape(x.shape[0], x.shape[dim], -1)
+    out = torch.bmm(q.mT if transpose else q, flat)
+    return out.reshape(moved.shape).movedim(1, dim)
+
+
+# ------------------------------------------------------------------------------------ eigenbases
+
+
+def _keep_previous(evecs: torch.Tensor, previous: torch.Tensor | None, failures: torch.Tensor | None) -> torch.Tensor:
+    """Replace non-finite bases by ``previous`` (identity if none) and count them, all on device."""
+    bad = ~torch.isfinite(evecs).all(dim=-1).all(dim=-1)
+    fallback = previous if previous is not None else torch.eye(evecs.shape[-1], dtype=evecs.dtype, device=evecs.device)
+    if failures is not None:
+        failures.add_(bad.to(failures.dtype))
+    return torch.where(bad[:, None, None], fallback.to(evecs.dtype), evecs)
+
+
+def _eigh_one_by_one(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 eigh matrix by matrix; a matrix whose eigh fails gets NaN (replaced by the caller)."""
+    evals = torch.full(a.shape[:-1], float("nan"), dtype=torch.float64, device=a.device)
+    evecs = torch.full(a.shape, float("nan"), dtype=torch.float64, device=a.device)
+    for i in range(a.shape[0]):
+        with contextlib.suppress(RuntimeError):
+            evals[i], evecs[i] = torch.linalg.eigh(a[i].to(torch.float64))
+    return evals, evecs
+
+
+def eigh_descending(
+    a: torch.Tensor,
+    previous: torch.Tensor | None = None,
+    failures: torch.Tensor | None = None,
+    jitter: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched symmetric eigendecomposition, eigenvalues (and vector columns) in descending order.
+
+    ``a``: ``(B, n, n)``. ``jitter * I`` is added first (SOAP's authors add ``1e-30 * I``). If fp32 LAPACK
+    fails the batch is retried in float64; a matrix that fails in float64 too, or whose vectors are not
+    finite, keeps ``previous[i]`` (identity when ``previous`` is None) and ``failures[i]`` grows by one.
+    Returned in ``a``'s dtype.
+    """
+    if jitter:
+        a = a + jitter * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    try:
+        evals, evecs = torch.linalg.eigh(a)
+    except RuntimeError:
+        try:
+            evals, evecs = torch.linalg.eigh(a.to(torch.float64))
+        except RuntimeError:
+            evals, evecs = _eigh_one_by_one(a)
+        evals, evecs = evals.to(a.dtype), evecs.to(a.dtype)
+    return evals.flip(-1), _keep_previous(evecs.flip(-1), previous, failures)
+
+
+def sort_basis(factor: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order each basis's columns by the Rayleigh quotients ``diag(Q^T F Q)``, descending.
+
+    Returns ``(F Q sorted, Q sorted, order)``; ``order`` (``(B, n)``) is the permutation that the
+    eigenbasis-indexed state (SOAP's second moment) must follow along the same dim.
+    """
+    fq = torch.bmm(factor, basis)
+    rayleigh = (basis * fq).sum(dim=-2)
+    order = torch.argsort(rayleigh, dim=-1, descending=True)
+    index = order[:, None, :].expand_as(fq)
+    return fq.gather(-1, index), basis.gather(-1, index), order
+
+
+def power_qr(fq_sorted: torch.Tensor, factor: torch.Tensor, steps: int) -> torch.Tensor:
+    """Orthogonal iteration: ``Q = qr(F Q)`` ``steps`` times, starting from the product ``F Q`` given.
+
+    One step from the previous eigenbasis is SOAP's refresh (Vyas et al., Algorithm 4). QR runs in fp32 at
+    least (the orthogonality of Q matters more than speed here).
+    """
+    q = torch.linalg.qr(fq_sorted.to(torch.promote_types(fq_sorted.dtype, torch.float32))).Q.to(factor.dtype)
+    for _ in range(steps - 1):
+        q = torch.linalg.qr(torch.bmm(factor, q)).Q
+    return q
+
+
+def inverse_root(
+    factor: torch.Tensor,
+    root: float,
+    epsilon: float,
+    previous: torch.Tensor | None = None,
+    failures: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(F + epsilon * I)^(-1/root)`` for a batch of symmetric PSD ``F`` by eigendecomposition.
+
+    Eigenvalues are clamped to ``>= epsilon`` first (round-off can make a PSD factor's smallest eigenvalues
+    slightly negative, which a fractional power turns into NaN). A matrix whose eigh fails in fp32 and in
+    float64 keeps ``previous[i]`` (the last good root inverse; identity if None) and counts in ``failures``.
+    """
+    n = factor.shape[-1]
+    shifted = factor + epsilon * torch.eye(n, dtype=factor.dtype, device=factor.device)
+    try:
+        evals, evecs = torch.linalg.eigh(shifted)
+    except RuntimeError:
+        try:
+            evals, evecs = torch.linalg.eigh(shifted.to(torch.float64))
+        except RuntimeError:
+            evals, evecs = _eigh_one_by_one(shifted)
+    evals = evals.clamp(min=epsilon) if epsilon > 0 else evals.clamp(min=torch.finfo(evals.dtype).tiny)
+    out = (evecs * evals.pow(-1.0 / root).unsqueeze(-2)) @ evecs.mT
+    return _keep_previous(out.to(factor.dtype), previous, failures)
+
+
+# ---------------------------------------------------------------------------------- batched state
+
+
+class StateBuckets:
+    """Per-parameter state tensors backed by one batched buffer per (bucket, key).
+
+    ``params`` are same-shape tensors; :meth:`allocate` creates ``buffers[key]`` of shape ``(B, *shape)``
+    and puts ``buffers[key][i]`` into ``state[params[i]][key]``. The optimizer's batched kernels then update
+    the buffers in place, and ``state_dict()`` sees ordinary per-parameter tensors. :meth:`adopt` rebuilds
+    the buffers from whatever per-parameter tensors the state holds (after ``load_state_dict``), and
+    :meth:`intact` tells whether the state still points into the buffers.
+    """
+
+    def __init__(self, params: list[torch.Tensor], state: dict) -> None:
+        self.params = params
+        self.state = state
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def allocate(self, key: str, shape: Sequence[int], dtype: torch.dtype, init: str = "zeros") -> None:
+        device = self.params[0].device
+        buf = torch.zeros((len(self.params), *shape), dtype=dtype, device=device)
+        if init == "eye":
+            buf.copy_(torch.eye(shape[-1], dtype=dtype, device=device).expand_as(buf))
+        self._bind(key, buf)
+
+    def adopt(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._bind(key, torch.stack([self.state[p][key] for p in self.params]))
+
+    def _bind(self, key: str, buf: torch.Tensor) -> None:
+        self.buffers[key] = buf
+        for i, p in enumerate(self.params):
+            self.state[p][key] = buf[i]
+
+    def intact(self) -> bool:
+        for key, buf in self.buffers.items():
+            for i, p in enumerate(self.params):
+                t = self.state[p].get(key)
+                if t is None or t.data_ptr() != buf[i].data_ptr() or t.shape != buf.shape[1:]:
+                    return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.buffers)
+
+
+def step_counter() -> torch.Tensor:
+    """A step counter as a 0-d CPU tensor, like ``torch.optim``'s non-capturable counters.
+
+    Reading it (``int(t)``) is a host read, never a device sync; the schedule of basis refreshes and
+    first-step work needs the value on the host.
+    """
+    return torch.zeros((), dtype=torch.float32)
+
+
+def matmul_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Context that sets ``torch.set_float32_matmul_precision(precision)`` on CUDA; a no-op elsewhere.
+
+    On CPU a lower precision can route fp32 matmuls to bf16 kernels, which are far slower there.
+    """
+    if device.type != "cuda" or precision == torch.get_float32_matmul_precision():
+        return contextlib.nullcontext()
+    return _precision(precision)
+
+
+@contextlib.contextmanager
+def _precision(precision: str) -> Iterator[None]:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+# ------------------------------------------------------------------------------ optimizer plumbing
+
+
+class KroneckerOptimizer(Optimizer):
+    """Base of the Kronecker-factored optimizers: bucketed eager state and a dtype-exact ``load_state_dict``.
+
+    A subclass implements :meth:`_state_spec` (the batched state keys of one parameter shape) and
+    :meth:`_step_bucket` (update the bucket entries ``sel`` that have a gradient). Same-shape parameters
+    of a group form one :class:`StateBuckets`; the step counter of each parameter is a CPU tensor.
+    """
+
+    def __init__(self, params: ParamGroups, defaults: dict) -> None:
+        self._buckets: dict[int, list[StateBuckets]] = {}
+        super().__init__(params, defaults)
+
+    @abc.abstractmethod
+    def _state_spec(self, group: dict, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, tuple, str]]:
+        """``(key, shape, init)`` of every batched state tensor of a parameter of ``shape`` (init: zeros|eye)."""
+
+    @abc.abstractmethod
+    def _step_bucket(self, group: dict, bucket: StateBuckets, sel: list[int], calls: int) -> None:
+        """Update the parameters ``bucket.params[i]`` for ``i`` in ``sel``, all called ``calls`` times before."""
+
+    @staticmethod
+    def state_dtype(p: torch.Tensor) -> torch.dtype:
+        """Factors and moments are kept in at least fp32 whatever the parameter's dtype."""
+        return torch.promote_types(p.dtype, torch.float32)
+
+    def _make_buckets(self, group: dict, adopt: bool) -> list[StateBuckets]:
+        buckets = []
+        for indices in group_by_shape(group["params"]).values():
+            params = [group["params"][i] for i in indices]
+            bucket = StateBuckets(params, self.state)
+            p = params[0]
+            spec = self._state_spec(group, tuple(p.shape), self.state_dtype(p))
+            if adopt:
+                bucket.adopt([key for key, _, _ in spec])
+            else:
+                for key, shape, init in spec:
+                    bucket.allocate(key, shape, self.state_dtype(p), init)
+                for q in params:
+                    self.state[q]["step"] = step_counter()
+            buckets.append(bucket)
+        self._buckets[id(group)] = buckets
+        return buckets
+
+    def _init_state(self, group: dict) -> None:
+        self._make_buckets(group, adopt=False)
+
+    def _group_buckets(self, group: dict) -> list[StateBuckets]:
+        buckets = self._buckets.get(id(group))
+        if buckets is None or not all(b.intact() for b in buckets):
+            buckets = self._make_buckets(group, adopt=True)
+        return buckets
+
+    def _step_group(self, group: dict) -> None:
+        for bucket in self._group_buckets(group):
+            by_calls: dict[int, list[int]] = defaultdict(list)
+            for i, p in enumerate(bucket.params):
+                if p.grad is not None:
+                    by_calls[int(self.state[p]["step"])].append(i)
+            for calls, sel in by_calls.items():
+                self._step_bucket(group, bucket, sel, calls)
+                for i in sel:
+                    self.state[bucket.params[i]]["step"].add_(1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict`` that keeps each state tensor's saved dtype.
+
+        torch casts floating-point state to the parameter's dtype, which would turn the fp32 factors of a
+        bf16 parameter into bf16; here every tensor is restored in the dtype it was saved with.
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key, value in saved.get(index, {}).items():
+                    current = self.state[p].get(key)
+                    if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor):
+                        if current.dtype != value.dtype:
+                            self.state[p][key] = value.to(device=current.device, dtype=value.dtype)
+                index += 1
+        self._buckets = {}
+
+
+def gather_bucket(bucket: StateBuckets, sel: list[int]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The bucket's buffers restricted to entries ``sel``: the buffers themselves when ``sel`` is all."""
+    if len(sel) == len(bucket.params):
+        return dict(bucket.buffers), True
+    index = torch.tensor(sel, device=bucket.params[0].device)
+    return {key: buf.index_select(0, index) for key, buf in bucket.buffers.items()}, False
+
+
+def scatter_bucket(bucket: StateBuckets, sel: list[int], tensors: dict[str, torch.Tensor]) -> None:
+    """Write entries ``sel`` back after :func:`gather_bucket` returned copies."""
+    index = torch.tensor(sel, device=bucket.params[0].device)
+    for key, buf in bucket.buffers.items():
+        buf.index_copy_(0, index, tensors[key])
+
+
+def stacked_grads(bucket: StateBuckets, sel: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The gradients of entries ``sel`` as one ``(len(sel), *shape)`` tensor in ``dtype``."""
+    return torch.stack([bucket.params[i].grad for i in sel]).to(dtype)
+
+
+__all__ = [
+    "KroneckerOptimizer",
+    "StateBuckets",
+    "gather_bucket",
+    "scatter_bucket",
+    "stacked_grads",
+    "block_slices",
+    "contract",
+    "eigh_descending",
+    "inverse_root",
+    "matmul_precision",
+    "merge_small_dims",
+    "power_qr",
+    "sort_basis",
+    "step_counter",
+    "tensor_blocks",
+    "unfold",
+    "update_factor_",
+]
