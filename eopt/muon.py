@@ -40,18 +40,30 @@ def resolve_ns_dtype(ns_dtype: str | torch.dtype | None, device: torch.device) -
 
 
 def matrix_pieces(t: torch.Tensor, group: dict) -> list[tuple[torch.Tensor, int, int]]:
-    """Views of ``t`` (a param-shaped tensor) as the matrices Muon orthogonalizes, each wide (``m <= n``).
+    """Views of ``t`` (a param-shaped tensor) as the matrices Muon orthogonalizes, in storage orientation.
 
-    The param is flattened to ``(shape[0], -1)``, transposed to the mathematical (out, in) orientation when
-    the group says it is stored (in, out), split along out into Q, K, V when the group has ``split_qkv``,
-    and each piece is transposed when tall. Returns ``(view, out, in)`` triples; writing into a view writes
-    into ``t``.
+    The param is flattened to ``(shape[0], -1)`` and, when the group has ``split_qkv``, split into Q, K, V
+    along the output dim (rows, or columns when the group says it is stored (in, out)). Orthogonalization
+    commutes with transposition (``NS(M^T) = NS(M)^T``), so pieces are never transposed; only the scale and
+    NorMuon's axis need the mathematical (out, in) shape. Returns ``(view, out, in)`` triples; writing into
+    a view writes into ``t``.
     """
     mat = t.reshape(t.shape[0], -1) if t.ndim != 2 else t
-    if group.get("in_out"):
-        mat = mat.T
-    parts = torch.split(mat, list(group["split_qkv"]), dim=0) if group.get("split_qkv") else (mat,)
-    return [(part.T if part.shape[0] > part.shape[1] else part, part.shape[0], part.shape[1]) for part in parts]
+    in_out = bool(group.get("in_out"))
+    out_dim = 1 if in_out else 0
+    parts = torch.split(mat, list(group["split_qkv"]), dim=out_dim) if group.get("split_qkv") else (mat,)
+    return [(part, *((part.shape[1], part.shape[0]) if in_out else part.shape)) for part in parts]
+
+
+def step_size(group: dict, out_dim: int, in_dim: int) -> float:
+    """The signed multiplier of an (out, in) piece's orthogonalized update: ``-lr * extra * scale(out, in)``."""
+    return -group["lr"] * group["extra_scale_factor"] * scale_factor(group["scale"], out_dim, in_dim)
+
+
+def normuon_axis(out_dim: int, in_dim: int, in_out: bool) -> int:
+    """The storage axis NorMuon averages over: the shorter math dim (``in`` for a square matrix), as NVIDIA's."""
+    math_axis = -1 if out_dim >= in_dim else -2
+    return -3 - math_axis if in_out else math_axis
 
 
 class Muon(Optimizer):
@@ -180,8 +192,8 @@ class Muon(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["moment2"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             elif group["second_moment"] == "normuon":
-                # One value per index of each piece's longer dim, the pieces' vectors concatenated.
-                length = sum(n for _, n in (v.shape for v, _, _ in matrix_pieces(p, group)))
+                # One value per index of each piece's kept axis, the pieces' vectors concatenated.
+                length = sum(max(o, i) if o != i else o for _, o, i in matrix_pieces(p, group))
                 state["moment2"] = torch.zeros(length, dtype=p.dtype, device=p.device)
 
     def _step_group(self, group: dict) -> None:
@@ -195,83 +207,81 @@ class Muon(Optimizer):
         inputs = torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs
         if group["second_moment"] == "adamuon":
             torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
-        updates = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
-        if group["foreach"] is False:
-            self._orthogonalize_single(group, params, inputs, updates)
-        else:
-            self._orthogonalize_batched(group, params, inputs, updates)
         if wd != 0.0:
+            # Decoupled decay touches only the weights, so it can precede the update computed from u.
             torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_add_(params, updates, alpha=-lr)
+        if group["foreach"] is False:
+            self._update_single(group, params, inputs)
+        else:
+            self._update_batched(group, params, inputs)
 
-    def _orthogonalize_single(self, group: dict, params: list, inputs: list, updates: list) -> None:
-        """Reference path: each matrix piece on its own, written into ``updates`` already scaled."""
+    def _update_single(self, group: dict, params: list, inputs: list) -> None:
+        """Reference path: one matrix piece at a time."""
         dtype = resolve_ns_dtype(group["ns_dtype"], params[0].device)
-        for p, u, out in zip(params, inputs, updates, strict=True):
+        for p, u in zip(params, inputs, strict=True):
             for idx, ((src, o, i), (dst, _, _)) in enumerate(
-                zip(matrix_pieces(u, group), matrix_pieces(out, group), strict=True)
+                zip(matrix_pieces(u, group), matrix_pieces(p, group), strict=True)
             ):
                 ortho = newton_schulz(src, group["ns_steps"], group["coefficients"], dtype=dtype).unsqueeze(0)
-                ortho = self._second_moment(group, [self._moment_view(p, group, idx)], [p], ortho)
-                dst.copy_(ortho[0] * (group["extra_scale_factor"] * scale_factor(group["scale"], o, i)))
+                ortho = self._second_moment(group, [self._moment_view(p, group, idx)], [p], ortho, o, i)
+                dst.add_(
+                    ortho[0], alpha=-group["lr"] * group["extra_scale_factor"] * scale_factor(group["scale"], o, i)
+                )
 
-    def _orthogonalize_batched(self, group: dict, params: list, inputs: list, updates: list) -> None:
-        """Fast path: one batched Newton–Schulz per stack of same-shape pieces."""
+    def _update_batched(self, group: dict, params: list, inputs: list) -> None:
+        """Fast path: one batched Newton–Schulz per stack of same-shape pieces, foreach updates."""
         stacks: dict[tuple, list] = defaultdict(list)
-        for p, u, out in zip(params, inputs, updates, strict=True):
+        for p, u in zip(params, inputs, strict=True):
             for idx, ((src, o, i), (dst, _, _)) in enumerate(
-                zip(matrix_pieces(u, group), matrix_pieces(out, group), strict=True)
+                zip(matrix_pieces(u, group), matrix_pieces(p, group), strict=True)
             ):
+                # Same storage shape within a group means the same (out, in), hence one scale per stack.
                 stacks[(tuple(src.shape), src.dtype, src.device)].append((p, idx, src, dst, o, i))
-        mult = group["extra_scale_factor"]
         for (_, _, device), pieces in stacks.items():
-            X = torch.stack([src for _, _, src, _, _, _ in pieces])
-            ortho = newton_schulz(
-                X, group["ns_steps"], group["coefficients"], dtype=resolve_ns_dtype(group["ns_dtype"], device)
-            )
+            _, _, _, _, o, i = pieces[0]
+            X = torch.stack([src for _, _, src, _, _, _ in pieces]) if len(pieces) > 1 else pieces[0][2].unsqueeze(0)
+            dtype = resolve_ns_dtype(group["ns_dtype"], device)
+            ortho = newton_schulz(X, group["ns_steps"], group["coefficients"], dtype=dtype)
             moments = [self._moment_view(p, group, idx) for p, idx, *_ in pieces]
-            ortho = self._second_moment(group, moments, [p for p, *_ in pieces], ortho)
-            scales = torch.tensor([mult * scale_factor(group["scale"], o, i) for *_, o, i in pieces], device=device)
-            ortho.mul_(scales.to(ortho.dtype).view(-1, 1, 1))
-            torch._foreach_copy_([dst for _, _, _, dst, _, _ in pieces], list(ortho.unbind(0)))
+            ortho = self._second_moment(group, moments, [p for p, *_ in pieces], ortho, o, i)
+            dsts = [dst for _, _, _, dst, _, _ in pieces]
+            torch._foreach_add_(dsts, list(ortho.unbind(0)), alpha=step_size(group, o, i))
 
     def _moment_view(self, p: torch.Tensor, group: dict, idx: int) -> torch.Tensor | None:
-        """The second-moment state of piece ``idx`` of ``p``, shaped to broadcast against the wide piece."""
+        """The second-moment state of piece ``idx`` of ``p``, shaped to broadcast against the piece."""
         kind = group["second_moment"]
         if kind is None:
             return None
         state = self.state[p]
         if kind == "adamuon":
             return matrix_pieces(state["moment2"], group)[idx][0]
-        pieces = matrix_pieces(p, group)
-        start = sum(v.shape[1] for v, _, _ in pieces[:idx])
-        m, n = pieces[idx][0].shape
-        flat = state["moment2"][start : start + n]
-        # Wide piece: average over rows (m < n), one value per column; square: one value per row, as NVIDIA.
-        return flat.view(1, n) if m < n else flat.view(n, 1)
+        lengths = [max(o, i) if o != i else o for _, o, i in matrix_pieces(p, group)]
+        _, o, i = matrix_pieces(p, group)[idx]
+        start = sum(lengths[:idx])
+        flat = state["moment2"][start : start + lengths[idx]]
+        return flat.view(-1, 1) if normuon_axis(o, i, bool(group.get("in_out"))) == -1 else flat.view(1, -1)
 
-    def _second_moment(self, group: dict, moments: list, params: list, ortho: torch.Tensor) -> torch.Tensor:
-        """Apply NorMuon / AdaMuon to a stack ``ortho`` (k, m, n) of raw NS outputs (in place on ``moments``)."""
+    def _second_moment(
+        self, group: dict, moments: list, params: list, ortho: torch.Tensor, out_dim: int, in_dim: int
+    ) -> torch.Tensor:
+        """NorMuon / AdaMuon on a stack ``ortho`` (k, rows, cols) of raw NS outputs; updates ``moments``."""
         kind = group["second_moment"]
         if kind is None:
             return ortho
         beta2, eps = group["beta2"], group["eps"]
         ortho = ortho.float()
+        v = torch.stack(moments)
         if kind == "normuon":
-            square = ortho.size(-2) == ortho.size(-1)
-            sq_mean = ortho.square().mean(dim=-1 if square else -2, keepdim=True)
-            v = torch.stack(moments)
-            v.lerp_(sq_mean, 1.0 - beta2)
-            torch._foreach_copy_(moments, list(v.unbind(0)))
+            axis = normuon_axis(out_dim, in_dim, bool(group.get("in_out")))
+            v.lerp_(ortho.square().mean(dim=axis, keepdim=True), 1.0 - beta2)
             target = torch.linalg.vector_norm(ortho, dim=(-2, -1), keepdim=True)
-            ortho = ortho / (v.sqrt() + eps)
+            adapted = ortho / (v.sqrt() + eps)
         else:
             steps = torch.stack([self.state[p]["step"] for p in params])
             bias_correction = (1.0 - torch.pow(beta2, steps)).view(-1, 1, 1)
-            v = torch.stack(moments)
             v.lerp_(ortho.square(), 1.0 - beta2)
-            torch._foreach_copy_(moments, list(v.unbind(0)))
-            ortho = ortho / ((v / bias_correction).sqrt() + eps)
-            target = torch.full_like(ortho[:, :1, :1], min(ortho.shape[-2:]) ** 0.5)
-        norm = torch.linalg.vector_norm(ortho, dim=(-2, -1), keepdim=True)
-        return ortho * (target / norm.clamp_min(eps if eps > 0 else 1e-30))
+            adapted = ortho / ((v / bias_correction).sqrt() + eps)
+            target = torch.full_like(ortho[:, :1, :1], min(out_dim, in_dim) ** 0.5)
+        torch._foreach_copy_(moments, list(v.unbind(0)))
+        norm = torch.linalg.vector_norm(adapted, dim=(-2, -1), keepdim=True)
+        return adapted * (target / norm.clamp_min(eps if eps > 0 else 1e-30))
