@@ -111,11 +111,14 @@ def n_blocks(layout: Layout, p: Tensor) -> int:
 
 
 def _block_view(t: Tensor, start: int, stop: int, blocks: int, in_out: bool) -> Tensor:
-    """Rows ``start:stop`` of ``t`` viewed so that dim ``in_out`` indexes the blocks (``-1`` merges the rest)."""
+    """Rows ``start:stop`` of ``t`` with the blocks on dim 0, or on dim 1 when stored (in, out)."""
     if in_out:
-        return t[:, start:stop].unflatten(1, (blocks, -1))  # (in, blocks, rows per block)
-    t = t.view(t.shape[0], -1) if t.ndim >= 2 else t.view(1, -1)
-    return t[start:stop].unflatten(0, (blocks, -1))  # (blocks, rows per block, in)
+        if stop - start == t.shape[1]:
+            return t.view(t.shape[0], blocks, -1)  # (in, blocks, rows per block)
+        return t[:, start:stop].unflatten(1, (blocks, -1))
+    if stop - start == (t.shape[0] if t.ndim >= 2 else 1):
+        return t.view(blocks, -1)  # (blocks, rows per block * in): a whole tensor needs no slicing
+    return t.view(t.shape[0], -1)[start:stop].reshape(blocks, -1)
 
 
 def block_mean_sq(g: Tensor, layout: Layout) -> Tensor:
@@ -125,7 +128,7 @@ def block_mean_sq(g: Tensor, layout: Layout) -> Tensor:
     means = []
     for start, stop, blocks in layout.segments:
         x = _block_view(g, start, stop, blocks, layout.in_out)
-        dims = (0, 2) if layout.in_out else (1, 2)
+        dims = (0, 2) if layout.in_out else 1
         # The norm reduces without materializing g^2 (as torch's Adafactor does).
         means.append(torch.linalg.vector_norm(x, dim=dims).square_().div_(x.numel() // blocks))
     return means[0] if len(means) == 1 else torch.cat(means)
@@ -138,11 +141,12 @@ def apply_block_scale(p: Tensor, m: Tensor, scale: Tensor, layout: Layout) -> No
         return
     offset = 0
     for start, stop, blocks in layout.segments:
-        s = scale[offset : offset + blocks]
+        s = scale[offset : offset + blocks] if len(layout.segments) > 1 else scale
         offset += blocks
-        s = s.view(1, blocks, 1) if layout.in_out else s.view(blocks, 1, 1)
-        view_p, view_m = (_block_view(t, start, stop, blocks, layout.in_out) for t in (p, m))
-        view_p.addcmul_(view_m, s)
+        s = s.view(1, blocks, 1) if layout.in_out else s.view(blocks, 1)
+        _block_view(p, start, stop, blocks, layout.in_out).addcmul_(
+            _block_view(m, start, stop, blocks, layout.in_out), s
+        )
 
 
 def _single_tensor_adam_mini(
@@ -159,7 +163,7 @@ def _single_tensor_adam_mini(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One Adam-mini step, tensor by tensor (the reference path; on CPU each tensor stays in cache)."""
+    """One Adam-mini step, tensor by tensor: the reference path."""
     for p, g, m, v, step, layout in zip(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, strict=True):
         step += 1
         if weight_decay != 0:
@@ -187,7 +191,7 @@ def _multi_tensor_adam_mini(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """The same step with ``torch._foreach_*`` kernels over the group (fewer launches: the GPU path)."""
+    """The same step with ``torch._foreach_*`` kernels over the group, bias corrections for all tensors at once."""
     torch._foreach_add_(steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -195,16 +199,14 @@ def _multi_tensor_adam_mini(
     torch._foreach_lerp_(
         exp_avg_sqs, [block_mean_sq(g, layout) for g, layout in zip(grads, layouts, strict=True)], 1 - beta2
     )
-    bias_correction1 = torch._foreach_pow(beta1, steps)
-    torch._foreach_sub_(bias_correction1, 1)  # beta1^t - 1: the sign folds -lr into the scale
-    bias_correction2 = torch._foreach_pow(beta2, steps)
-    torch._foreach_neg_(bias_correction2)
-    torch._foreach_add_(bias_correction2, 1)
-    torch._foreach_sqrt_(bias_correction2)
+    t = torch.stack(steps)
+    bias_correction1 = torch.pow(beta1, t).sub_(1)  # beta1^t - 1: the sign folds -lr into the scale
+    bias_correction2_sqrt = torch.pow(beta2, t).neg_().add_(1).sqrt_()
+    # -lr / (1 - beta1^t) / (sqrt(v) / sqrt(1 - beta2^t) + eps): one value per block
     scales = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(scales, bias_correction2)
+    torch._foreach_div_(scales, bias_correction2_sqrt.unbind())
     torch._foreach_add_(scales, eps)
-    torch._foreach_mul_(scales, bias_correction1)
+    torch._foreach_mul_(scales, bias_correction1.unbind())
     torch._foreach_reciprocal_(scales)
     torch._foreach_mul_(scales, lr)
     for p, m, scale, layout in zip(params, exp_avgs, scales, layouts, strict=True):
@@ -264,7 +266,8 @@ class AdamMini(Optimizer):
         dim, n_heads: model width and attention heads; standalone mode only (the authors' query/key blocks
             are ``dim * dim / n_heads`` elements).
         n_kv_heads: key/value heads under GQA; standalone mode only (validated as in the authors' code).
-        foreach: use ``torch._foreach`` kernels (default: on CUDA only).
+        foreach: ``None``/``True``: the ``torch._foreach`` path (the default on every device: on CPU it is as
+            fast as the tensor-by-tensor path and saves its per-tensor scalar ops); ``False``: the reference path.
     """
 
     algorithm = "adam_mini"
@@ -292,6 +295,7 @@ class AdamMini(Optimizer):
         if params and isinstance(params[0], tuple):
             params = _author_groups(params, weight_decay, dim, n_heads)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "foreach": foreach}
+        self._layouts: dict[Tensor, Layout] = {}  # per parameter, from its group's hints (fixed at add time)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -305,9 +309,9 @@ class AdamMini(Optimizer):
 
     def _init_state(self, group: dict) -> None:
         for p in group["params"]:
+            layout = self._layouts[p] = block_layout(group, p)
             state = self.state[p]
             if not state:
-                layout = block_layout(group, p)
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 shape = p.shape if layout is None else (n_blocks(layout, p),)
@@ -320,10 +324,8 @@ class AdamMini(Optimizer):
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("AdamMini does not support sparse gradients")
         states = [self.state[p] for p in params]
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = params[0].device.type != "cpu"
-        fn = _multi_tensor_adam_mini if foreach else _single_tensor_adam_mini
+        # foreach by default on every device: on CPU too it saves the per-tensor small ops of the bias corrections
+        fn = _single_tensor_adam_mini if group["foreach"] is False else _multi_tensor_adam_mini
         beta1, beta2 = group["betas"]
         fn(
             params,
@@ -331,7 +333,7 @@ class AdamMini(Optimizer):
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
-            [block_layout(group, p) for p in params],
+            [self._layouts[p] for p in params],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,

@@ -39,7 +39,7 @@ _TINY = 1e-15  # the authors' guard against h = 0
 def _denominator(hess: Tensor, rho: float, bs: float, estimator: str, out: Tensor) -> Tensor:
     """``rho * bs * h + 1e-15`` (GNB, the authors' form) or ``max(rho * h, 1e-15)`` (Hutchinson), into ``out``."""
     if estimator == "gnb":
-        return torch.mul(hess, rho * bs, out=out).add_(_TINY)
+        return torch.add(hess.new_tensor(_TINY), hess, alpha=rho * bs, out=out)  # one kernel
     return torch.mul(hess, rho, out=out).clamp_(min=_TINY)
 
 
@@ -56,13 +56,8 @@ def _single_tensor_sophia(
     bs: float,
     weight_decay: float,
     estimator: str,
-) -> tuple[Tensor, int]:
-    """One Sophia step, tensor by tensor (every op of a tensor runs while it is hot in cache).
-
-    Returns (number of unclipped coordinates as a tensor, number of coordinates).
-    """
-    unclipped = torch.zeros((), dtype=torch.int64, device=params[0].device)
-    total = 0
+) -> None:
+    """One Sophia step, tensor by tensor (every op of a tensor runs while it is hot in cache)."""
     # One scratch buffer for all tensors: a fresh allocation per tensor costs page faults on CPU.
     scratch = torch.empty(max(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
     for p, g, m, h, step in zip(params, grads, exp_avgs, hessians, steps, strict=True):
@@ -73,10 +68,7 @@ def _single_tensor_sophia(
         # sign(m) * min(|m| / d, 1) == clamp(m / d, -1, 1) for d > 0, with one buffer instead of four.
         ratio = _denominator(h, rho, bs, estimator, out=scratch[: h.numel()].view_as(h))
         torch.div(m, ratio, out=ratio)
-        unclipped += torch.count_nonzero(ratio.abs() < 1)
-        total += ratio.numel()
         p.add_(ratio.clamp_(-1.0, 1.0), alpha=-lr)
-    return unclipped, total
 
 
 def _multi_tensor_sophia(
@@ -92,7 +84,7 @@ def _multi_tensor_sophia(
     bs: float,
     weight_decay: float,
     estimator: str,
-) -> tuple[Tensor, int]:
+) -> None:
     """The same step with ``torch._foreach_*`` kernels (one launch per op for all tensors: the GPU path)."""
     torch._foreach_add_(steps, 1)
     if weight_decay != 0:
@@ -105,11 +97,9 @@ def _multi_tensor_sophia(
         ratios = torch._foreach_mul(hessians, rho)
         torch._foreach_clamp_min_(ratios, _TINY)
     ratios = torch._foreach_div(exp_avgs, ratios)
-    unclipped = sum(torch.count_nonzero(r.abs() < 1) for r in ratios)
     torch._foreach_clamp_min_(ratios, -1.0)
     torch._foreach_clamp_max_(ratios, 1.0)
     torch._foreach_add_(params, ratios, alpha=-lr)
-    return unclipped, sum(r.numel() for r in ratios)
 
 
 class Sophia(Optimizer):
@@ -156,7 +146,8 @@ class Sophia(Optimizer):
     ) -> None:
         check("hessian_interval", hessian_interval >= 1, f"must be >= 1, got {hessian_interval}")
         self.hessian_interval = hessian_interval
-        self.win_rate: Tensor | None = None
+        self._stepped: list[tuple[dict, float, list[Tensor]]] = []  # (group, bs, params) of the last step
+        self._win_rate: Tensor | None = None
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -196,16 +187,40 @@ class Sophia(Optimizer):
     def step(self, closure: Callable[[], float] | None = None, bs: int | None = None) -> float | None:
         """One step; ``bs`` (tokens per step) overrides the groups' value for this call, as in ``SophiaG``."""
         self._bs_override = bs
-        self._unclipped: list[tuple[Tensor, int]] = []
+        self._stepped = []
+        self._win_rate = None
         try:
-            loss = super().step(closure)
+            return super().step(closure)
         finally:
             self._bs_override = None
-        if self._unclipped:
-            unclipped = sum(u for u, _ in self._unclipped)
-            total = sum(n for _, n in self._unclipped)
-            self.win_rate = unclipped / total
-        return loss
+
+    @property
+    def win_rate(self) -> Tensor | None:
+        """Fraction of the last step's coordinates whose ratio ``|m| / D`` was below 1 (not clipped), a 0-d tensor.
+
+        Computed on first access (and before :meth:`update_hessian` changes ``h``) from the state the step
+        left, with the step's own arithmetic, so :meth:`step` pays nothing for it. ``None`` before a step.
+        """
+        self._settle_win_rate()
+        return self._win_rate
+
+    def _settle_win_rate(self) -> None:
+        if self._win_rate is None and self._stepped:
+            self._win_rate = self._unclipped_fraction()
+
+    @torch.no_grad()
+    def _unclipped_fraction(self) -> Tensor:
+        params = [p for _, _, ps in self._stepped for p in ps]
+        scratch = torch.empty(max(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        unclipped = torch.zeros((), dtype=torch.int64, device=params[0].device)
+        for group, bs, ps in self._stepped:
+            for p in ps:
+                state = self.state[p]
+                h = state["hessian"]
+                ratio = _denominator(h, group["rho"], bs, group["estimator"], out=scratch[: h.numel()].view_as(h))
+                torch.div(state["exp_avg"], ratio, out=ratio)
+                unclipped += torch.count_nonzero(ratio.abs_() < 1)
+        return unclipped / sum(p.numel() for p in params)
 
     def _step_group(self, group: dict) -> None:
         params = params_with_grad(group)
@@ -219,25 +234,25 @@ class Sophia(Optimizer):
             foreach = params[0].device.type != "cpu"
         fn = _multi_tensor_sophia if foreach else _single_tensor_sophia
         bs = group["bs"] if self._bs_override is None else self._bs_override
-        self._unclipped.append(
-            fn(
-                params,
-                [p.grad for p in params],
-                [s["exp_avg"] for s in states],
-                [s["hessian"] for s in states],
-                [s["step"] for s in states],
-                lr=group["lr"],
-                beta1=group["betas"][0],
-                rho=group["rho"],
-                bs=bs,
-                weight_decay=group["weight_decay"],
-                estimator=group["estimator"],
-            )
+        self._stepped.append((group, bs, params))
+        fn(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["hessian"] for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            rho=group["rho"],
+            bs=bs,
+            weight_decay=group["weight_decay"],
+            estimator=group["estimator"],
         )
 
     @torch.no_grad()
     def update_hessian(self) -> None:
         """``h = beta2 * h + (1 - beta2) * h_hat`` from each Sophia parameter's ``.grad`` (see the class)."""
+        self._settle_win_rate()  # the last step's win rate needs the h that step used
         for group in self.param_groups:
             if group["algorithm"] != self.algorithm:
                 continue

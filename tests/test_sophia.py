@@ -62,8 +62,10 @@ def test_win_rate_is_the_unclipped_fraction() -> None:
     opt.update_hessian()  # h = g^2 = 1
     p.grad = torch.tensor([0.5, -0.25, 2.0, -3.0])  # m = g; |m| / h: 0.5, 0.25, 2, 3
     opt.step()
-    assert float(opt.win_rate) == 0.5
     torch.testing.assert_close(p.detach(), -torch.tensor([0.5, -0.25, 1.0, -1.0]))
+    p.grad = torch.full((4,), 100.0)
+    opt.update_hessian()  # a new h after the step does not change the step's win rate
+    assert float(opt.win_rate) == 0.5
 
 
 def test_hutchinson_uses_rho_h_without_bs_and_floors_negative_curvature() -> None:
