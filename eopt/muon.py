@@ -170,7 +170,7 @@ class Muon(Optimizer):
             f"must be null, 'normuon' or 'adamuon', got {group['second_moment']!r}",
         )
         check("beta2", 0.0 <= group["beta2"] < 1.0, f"must be in [0, 1), got {group['beta2']}")
-        check("eps", group["eps"] >= 0.0, f"must be >= 0, got {group['eps']}")
+        check("eps", group["eps"] > 0.0, f"must be > 0, got {group['eps']}")
         dt = group["ns_dtype"]
         check(
             "ns_dtype",
@@ -192,8 +192,8 @@ class Muon(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["moment2"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             elif group["second_moment"] == "normuon":
-                # One value per index of each piece's kept axis, the pieces' vectors concatenated.
-                length = sum(max(o, i) if o != i else o for _, o, i in matrix_pieces(p, group))
+                # One value per index of each piece's longer dim (rows if square), the pieces' vectors concatenated.
+                length = sum(max(o, i) for _, o, i in matrix_pieces(p, group))
                 state["moment2"] = torch.zeros(length, dtype=p.dtype, device=p.device)
 
     def _step_group(self, group: dict) -> None:
@@ -255,10 +255,10 @@ class Muon(Optimizer):
         state = self.state[p]
         if kind == "adamuon":
             return matrix_pieces(state["moment2"], group)[idx][0]
-        lengths = [max(o, i) if o != i else o for _, o, i in matrix_pieces(p, group)]
-        _, o, i = matrix_pieces(p, group)[idx]
-        start = sum(lengths[:idx])
-        flat = state["moment2"][start : start + lengths[idx]]
+        pieces = matrix_pieces(p, group)
+        start = sum(max(o, i) for _, o, i in pieces[:idx])
+        _, o, i = pieces[idx]
+        flat = state["moment2"][start : start + max(o, i)]
         return flat.view(-1, 1) if normuon_axis(o, i, bool(group.get("in_out"))) == -1 else flat.view(1, -1)
 
     def _second_moment(
@@ -284,4 +284,4 @@ class Muon(Optimizer):
             target = torch.full_like(ortho[:, :1, :1], min(out_dim, in_dim) ** 0.5)
         torch._foreach_copy_(moments, list(v.unbind(0)))
         norm = torch.linalg.vector_norm(adapted, dim=(-2, -1), keepdim=True)
-        return adapted * (target / norm.clamp_min(eps if eps > 0 else 1e-30))
+        return adapted * (target / norm.clamp_min(eps))

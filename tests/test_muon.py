@@ -417,6 +417,7 @@ def test_backup_adamw_group_in_muon_matches_torch_adamw():
         ({"ns_dtype": "int8"}, "ns_dtype"),
         ({"extra_scale_factor": 0.0}, "extra_scale_factor"),
         ({"weight_decay": -0.1}, "weight_decay"),
+        ({"eps": 0.0}, "eps"),
     ],
 )
 def test_invalid_hyperparameters_name_the_argument(kwargs, name):
