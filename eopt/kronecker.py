@@ -7,7 +7,8 @@ here works on a *batch*: a leading dim ``B`` that stacks same-shape tensors, so 
 
 - :func:`merge_small_dims`, :func:`block_slices`, :func:`tensor_blocks`: how a tensor is reshaped or cut
   before it gets factors (SOAP's ``merge_dims``; Shampoo's ``max_preconditioner_dim`` blocks).
-- :func:`update_factor_`: ``F = beta * F + weight * G_(i) G_(i)^T`` fused into one batched GEMM.
+- :func:`update_factor_`: ``F = (1 - w) F + w G_(i) G_(i)^T`` with a blocked symmetric product (the
+  blocks above the diagonal only), batched.
 - :func:`contract`: multiply a batched tensor by a (per-batch) matrix along one dim (the rotation into and
   out of an eigenbasis).
 - :func:`eigh_descending`, :func:`sort_basis`, :func:`power_qr`, :func:`inverse_root`: eigenbases and root
@@ -85,14 +86,41 @@ def unfold(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.movedim(dim, 1).reshape(x.shape[0], x.shape[dim], -1)
 
 
-def update_factor_(factor: torch.Tensor, x: torch.Tensor, dim: int, beta: float, weight: float) -> None:
-    """``factor = beta * factor + weight * X X^T`` with ``X`` the unfolding of batched ``x`` along ``dim``.
+SYMMETRIC_BLOCK = 160
+"""Row-block size of :func:`update_factor_`'s symmetric product (at most 4 blocks; none below 2 blocks)."""
 
-    One ``baddbmm`` per call: the EMA and the product are fused in the GEMM (alpha/beta), so the factor is
-    read and written once. ``factor`` has shape ``(B, d, d)``; ``x`` has shape ``(B, d_1, ..., d_k)``.
+
+def _accumulate_(target: torch.Tensor, value: torch.Tensor, weight: float | None) -> None:
+    if weight is None:
+        target.add_(value)
+    else:
+        target.lerp_(value, weight)
+
+
+def update_factor_(factor: torch.Tensor, x: torch.Tensor, dim: int, weight: float | None) -> None:
+    """``factor = (1 - weight) * factor + weight * X X^T`` (``factor += X X^T`` when ``weight`` is None).
+
+    ``X`` is the unfolding of batched ``x`` along ``dim``; ``factor`` has shape ``(B, d, d)``, ``x`` has shape
+    ``(B, d_1, ..., d_k)``. The product is symmetric, so for large ``d`` only the blocks on and above the
+    diagonal are multiplied (``X`` cut into k row blocks: k(k+1)/2 of k^2 block products, 10/16 for k = 4)
+    and each upper block is written to its mirror too. The EMA is a ``lerp`` so that the factor is bitwise
+    the authors' ``lerp_`` of the full product (a plain GEMM per block sums over the same inner dim).
     """
     u = unfold(x, dim).to(factor.dtype)
-    factor.lerp_(torch.bmm(u, u.mT), weight)
+    d = u.shape[1]
+    k = min(4, d // SYMMETRIC_BLOCK)
+    if k < 2:
+        _accumulate_(factor, torch.bmm(u, u.mT), weight)
+        return
+    edges = [d * i // k for i in range(k + 1)]
+    for i in range(k):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, k):
+            cols = slice(edges[j], edges[j + 1])
+            block = torch.bmm(u[:, rows], u[:, cols].mT)
+            _accumulate_(factor[:, rows, cols], block, weight)
+            if j != i:
+                _accumulate_(factor[:, cols, rows], block.mT, weight)
 
 
 def contract(x: torch.Tensor, q: torch.Tensor, dim: int, transpose: bool) -> torch.Tensor:

@@ -15,7 +15,6 @@ from eopt.kronecker import (
     scatter_bucket,
     stacked_grads,
     tensor_blocks,
-    unfold,
     update_factor_,
 )
 
@@ -231,11 +230,7 @@ def shampoo_update(
         gb = _blocks(g, blocks)
         for i in range(order):
             factor = state[f"factor_{k}_{i}"].flatten(0, 1)
-            if beta2 == 1.0:
-                u = unfold(gb, i + 1)
-                factor.baddbmm_(u, u.mT)
-            else:
-                update_factor_(factor, gb, i + 1, beta=beta2, weight=1.0 - beta2)
+            update_factor_(factor, gb, i + 1, weight=None if beta2 == 1.0 else 1.0 - beta2)
         if refresh:
             bias2 = 1.0 - beta2**t if correct and beta2 < 1.0 else 1.0
             failures = torch.zeros(gb.shape[0], dtype=state["root_failures"].dtype, device=g.device)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import eopt
-from eopt.kronecker import merge_small_dims
+from eopt.kronecker import merge_small_dims, update_factor_
 
 
 def _grads(shapes, steps, seed=1, scale=1.0):
@@ -78,6 +78,20 @@ def test_first_step_builds_basis_without_update():
     rayleigh = torch.diagonal(q.T @ f @ q)
     assert torch.all(rayleigh[:-1] >= rayleigh[1:] - 1e-6)
     torch.testing.assert_close(q.T @ q, torch.eye(6), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weight", [0.05, None])
+def test_symmetric_factor_update_equals_the_full_product(weight):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 650, 40, generator=gen)
+    start = torch.randn(2, 650, 650, generator=gen)
+    start = start + start.mT
+    got = start.clone()
+    update_factor_(got, x, 1, weight)
+    full = x @ x.mT
+    expected = start + full if weight is None else torch.lerp(start, full, weight)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(got, got.mT)
 
 
 def test_merge_small_dims():
