@@ -62,20 +62,21 @@ def _single_tensor_adafactor(
         update = scratch[: p.numel()].view_as(p)
         if g.ndim > 1:
             row_var, col_var = state["row_var"], state["col_var"]
-            # mean(g^2) over a dim without materializing g^2
-            row_var.lerp_(
-                torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1]), one_minus_beta2
-            )
-            col_var.lerp_(
-                torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.shape[-2]), one_minus_beta2
-            )
-            torch.mul(row_var, col_var / row_var.mean(dim=-2, keepdim=True).clamp_(min=tiny), out=update)
+            # g^2 in the scratch buffer, then two plain sums (a norm over dim -2 is ~10x slower on CPU)
+            g2 = torch.mul(g, g, out=update)
+            row_mean = g2.sum(dim=-1, keepdim=True).div_(g.shape[-1])
+            col_mean = g2.sum(dim=-2, keepdim=True).div_(g.shape[-2])
+            row_var.lerp_(row_mean, one_minus_beta2)
+            col_var.lerp_(col_mean, one_minus_beta2)
+            # 1 / max(sqrt(R C / max(mean(R), eps1)), eps1) = min(rsqrt(R / max(mean(R), eps1)) rsqrt(C), 1 / eps1):
+            # the factors' inverse roots are small, the full-size work is one outer product and one clamp.
+            row_rsqrt = row_var.div(row_var.mean(dim=-2, keepdim=True).clamp_(min=tiny)).rsqrt_()
+            torch.mul(row_rsqrt, col_var.rsqrt(), out=update).clamp_(max=1 / tiny)
         else:
             variance = state["variance"]
             variance.lerp_(g * g, one_minus_beta2)
-            update.copy_(variance)
-        # rsqrt(max(V, eps1^2)) == 1 / max(sqrt(V), eps1)
-        update.clamp_(min=tiny * tiny).rsqrt_().mul_(g)
+            torch.rsqrt(variance, out=update).clamp_(max=1 / tiny)  # 1 / max(sqrt(V), eps1)
+        update.mul_(g)
         clip = torch.linalg.vector_norm(update).div_(math.sqrt(update.numel()) * d).clamp_(min=1.0)
         if beta1 is not None:
             exp_avg = state["exp_avg"]

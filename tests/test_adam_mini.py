@@ -53,8 +53,7 @@ def _max_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max(errs)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize(("foreach", "tie"), [(False, False), (True, True)])
 def test_standalone_matches_authors_on_gqa_llama(foreach: bool, tie: bool) -> None:
     adam_mini = pytest.importorskip("adam_mini")
     ours, ref = _tiny_llama(tie), _tiny_llama(tie)
