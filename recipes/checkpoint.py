@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from recipes.errors import CheckpointError
@@ -62,24 +63,26 @@ class Checkpointer:
             shutil.rmtree(old)
         return final
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore model and optimizer from ``path``; return its trainer state."""
+    def read_trainer_state(self, path: Path) -> dict[str, Any]:
+        """The trainer state of checkpoint ``path`` (step, scheduler, RNG, the config it was written with)."""
         try:
-            trainer_state = torch.load(path / TRAINER_STATE, weights_only=True)
+            return torch.load(path / TRAINER_STATE, weights_only=True)
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {path} is unreadable ({type(e).__name__}): delete that directory to resume from the "
                 "one before it, or start a new run directory"
             ) from e
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Restore model and optimizer state from checkpoint ``path``."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except (Exception, CheckpointException) as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"checkpoint {path} does not fit this run's model/optimizer ({reason[:200]}): resume with the "
                 "config it was written with, or start a new run directory"
             ) from e
-        return trainer_state

@@ -228,10 +228,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     state = RunState()
     latest = checkpointer.latest()
     if latest is not None:
-        saved = checkpointer.load(latest, model, optimizer)
+        saved = checkpointer.read_trainer_state(latest)
         diff = _first_difference(saved["config"], fingerprint(cfg))
         if diff:
             raise CheckpointError(f"cannot resume from {latest}: {diff}; match the config or use a new run directory")
+        checkpointer.load(latest, model, optimizer)
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         if plan.device.type == "cuda":
