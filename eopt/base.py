@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from eopt._adamw import ADAMW_DEFAULTS, adamw_step, init_adamw_state
+from eopt._adamw import ADAMW_DEFAULTS, adamw_step_groups, init_adamw_state
 
 ParamGroups = Iterable[torch.Tensor] | Iterable[dict]
 
@@ -97,10 +97,11 @@ class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        adamw_groups = [group for group in self.param_groups if group["algorithm"] == "adamw"]
+        if adamw_groups:
+            adamw_step_groups(adamw_groups, self.state)
         for group in self.param_groups:
-            if group["algorithm"] == "adamw":
-                adamw_step(group, self.state)
-            else:
+            if group["algorithm"] != "adamw":
                 self._step_group(group)
         return loss
 
