@@ -152,6 +152,13 @@ def apply_block_scale(p: Tensor, m: Tensor, scale: Tensor, layout: Layout) -> No
         )
 
 
+def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Advance every step counter; ``(beta1^t - 1, sqrt(1 - beta2^t))`` per tensor, computed for all at once."""
+    torch._foreach_add_(steps, 1)
+    t = torch.stack(steps)
+    return torch.pow(beta1, t).sub_(1).unbind(), torch.pow(beta2, t).neg_().add_(1).sqrt_().unbind()
+
+
 def _single_tensor_adam_mini(
     params: list[Tensor],
     grads: list[Tensor],
@@ -166,17 +173,17 @@ def _single_tensor_adam_mini(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One Adam-mini step, tensor by tensor: the reference path."""
-    for p, g, m, v, step, layout in zip(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, strict=True):
-        step += 1
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
+    """One Adam-mini step, tensor by tensor (the reference path; on CPU the fast one: a tensor stays in cache)."""
+    bias_corrections1, bias_corrections2_sqrt = _bias_corrections(steps, beta1, beta2)
+    for p, g, m, v, bc1, bc2_sqrt, layout in zip(
+        params, grads, exp_avgs, exp_avg_sqs, bias_corrections1, bias_corrections2_sqrt, layouts, strict=True
+    ):
         m.lerp_(g, 1 - beta1)
         v.lerp_(block_mean_sq(g, layout), 1 - beta2)
-        bias_correction1 = 1 - torch.pow(beta1, step)
-        bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt_()
-        # -lr / (1 - beta1^t) / (sqrt(v) / sqrt(1 - beta2^t) + eps): one value per block
-        scale = v.sqrt().div_(bias_correction2_sqrt).add_(eps).mul_(bias_correction1).reciprocal_().mul_(-lr)
+        # -lr / (1 - beta1^t) / (sqrt(v) / sqrt(1 - beta2^t) + eps): one value per block (bc1 = beta1^t - 1 < 0)
+        scale = v.sqrt().div_(bc2_sqrt).add_(eps).mul_(bc1).reciprocal_().mul_(lr)
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
         apply_block_scale(p, m, scale, layout)
 
 
@@ -194,24 +201,20 @@ def _multi_tensor_adam_mini(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """The same step with ``torch._foreach_*`` kernels over the group, bias corrections for all tensors at once."""
-    torch._foreach_add_(steps, 1)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    """The same step with ``torch._foreach_*`` kernels over the group (one launch per op: the GPU path)."""
+    bias_corrections1, bias_corrections2_sqrt = _bias_corrections(steps, beta1, beta2)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_lerp_(
         exp_avg_sqs, [block_mean_sq(g, layout) for g, layout in zip(grads, layouts, strict=True)], 1 - beta2
     )
-    t = torch.stack(steps)
-    bias_correction1 = torch.pow(beta1, t).sub_(1)  # beta1^t - 1: the sign folds -lr into the scale
-    bias_correction2_sqrt = torch.pow(beta2, t).neg_().add_(1).sqrt_()
-    # -lr / (1 - beta1^t) / (sqrt(v) / sqrt(1 - beta2^t) + eps): one value per block
     scales = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(scales, bias_correction2_sqrt.unbind())
+    torch._foreach_div_(scales, bias_corrections2_sqrt)
     torch._foreach_add_(scales, eps)
-    torch._foreach_mul_(scales, bias_correction1.unbind())
+    torch._foreach_mul_(scales, bias_corrections1)
     torch._foreach_reciprocal_(scales)
     torch._foreach_mul_(scales, lr)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
     for p, m, scale, layout in zip(params, exp_avgs, scales, layouts, strict=True):
         apply_block_scale(p, m, scale, layout)
 
@@ -269,8 +272,8 @@ class AdamMini(Optimizer):
         dim, n_heads: model width and attention heads; standalone mode only (the authors' query/key blocks
             are ``dim * dim / n_heads`` elements).
         n_kv_heads: key/value heads under GQA; standalone mode only (validated as in the authors' code).
-        foreach: ``None``/``True``: the ``torch._foreach`` path (the default on every device: on CPU it is as
-            fast as the tensor-by-tensor path and saves its per-tensor scalar ops); ``False``: the reference path.
+        foreach: use ``torch._foreach`` kernels (default: on CUDA only; on CPU the tensor-by-tensor path is
+            faster because each tensor stays in cache across its ops).
     """
 
     algorithm = "adam_mini"
@@ -327,8 +330,10 @@ class AdamMini(Optimizer):
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("AdamMini does not support sparse gradients")
         states = [self.state[p] for p in params]
-        # foreach by default on every device: on CPU too it saves the per-tensor small ops of the bias corrections
-        fn = _single_tensor_adam_mini if group["foreach"] is False else _multi_tensor_adam_mini
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = params[0].device.type != "cpu"
+        fn = _multi_tensor_adam_mini if foreach else _single_tensor_adam_mini
         beta1, beta2 = group["betas"]
         fn(
             params,

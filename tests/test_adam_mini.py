@@ -271,3 +271,17 @@ def test_bad_hints_raise_naming_the_argument() -> None:
         eopt.build([("w", w)], "adam_mini", hints={"w": {"role": "qkv", "n_heads": 3}})
     with pytest.raises(ValueError, match="dim"):
         AdamMini([("layer.q_proj.weight", w)])
+
+
+def test_recipe_hints_give_per_head_blocks_for_gpt2_and_gqa_llama() -> None:
+    """With the recipe's own hints (recipes.models.param_hints): fused c_attn and GQA K get per-head blocks."""
+    from recipes.models import param_hints
+
+    gpt2, llama = _tiny_gpt2(), _tiny_llama()
+    for model, name, blocks in (
+        (gpt2, "transformer.h.0.attn.c_attn.weight", 4 + 4 + 32),
+        (llama, "model.layers.0.self_attn.k_proj.weight", 2),
+        (llama, "model.layers.0.self_attn.q_proj.weight", 4),
+    ):
+        opt = eopt.build(model.named_parameters(), "adam_mini", hints=param_hints(model))
+        assert opt.state[dict(model.named_parameters())[name]]["exp_avg_sq"].numel() == blocks, name
