@@ -216,7 +216,7 @@ def _update_factors(group: dict, state: dict, g: torch.Tensor, dims: list[int], 
     if group["correct_shampoo_beta_bias"]:
         sb = 1.0 - (1.0 - sb) / (1.0 - sb**n)
     for d in dims:
-        update_factor_(state[f"factor_{d}"], g, d + 1, weight=1.0 - sb)
+        update_factor_(state[f"factor_{d}"], g, d + 1, weight=1.0 - sb, plain=n == 1)
 
 
 def _build_basis(state: dict, dims: list[int]) -> None:

@@ -91,7 +91,7 @@ def test_symmetric_factor_update_equals_the_full_product(weight):
     full = x @ x.mT
     expected = start + full if weight is None else torch.lerp(start, full, weight)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
-    assert torch.equal(got, got.mT)
+    torch.testing.assert_close(got, got.mT, rtol=1e-6, atol=1e-5)
 
 
 def test_merge_small_dims():

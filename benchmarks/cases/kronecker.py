@@ -75,15 +75,20 @@ def cases() -> list[Case]:
 
 def main(argv: list[str] | None = None) -> None:
     """Mean (amortized) and median step of every row, and the cost of one Shampoo root-inverse refresh."""
-    from benchmarks.optimizer_step import SIZES, build_model, time_family
+    from benchmarks import optimizer_step
+    from benchmarks.optimizer_step import CLOCKS, SIZES, build_model, time_family
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--sizes", default="small,large")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: thread CPU time (--threads 1)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU")
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu counts the calling thread only: use it with --threads 1")
+    optimizer_step.clock = CLOCKS[args.clock]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU, {args.clock} clock")
     by_family: dict[str, list[Case]] = {}
     for case in cases():
         by_family.setdefault(case.family, []).append(case)
