@@ -235,8 +235,11 @@ def inverse_root(
         except RuntimeError:
             evals, evecs = _eigh_one_by_one(shifted)
     evals = evals.clamp(min=epsilon) if epsilon > 0 else evals.clamp(min=torch.finfo(evals.dtype).tiny)
-    out = (evecs * evals.pow(-1.0 / root).unsqueeze(-2)) @ evecs.mT
-    return _keep_previous(out.to(factor.dtype), previous, failures)
+    # V diag(l^(-1/root)) V^T = W W^T with W = V diag(l^(-1/(2 root))): a symmetric product (upper panels only).
+    half = (evecs * evals.pow(-0.5 / root).unsqueeze(-2)).to(factor.dtype)
+    out = torch.zeros_like(half)
+    update_factor_(out, half, 1, None)
+    return _keep_previous(out, previous, failures)
 
 
 # ---------------------------------------------------------------------------------- batched state
