@@ -121,19 +121,28 @@ def _block_view(t: Tensor, start: int, stop: int, blocks: int, in_out: bool) -> 
     return t.view(t.shape[0], -1)[start:stop].reshape(blocks, -1)
 
 
+def _segment_norms(g: Tensor, start: int, stop: int, blocks: int, in_out: bool) -> Tensor:
+    """sqrt(sum of g^2) of each block of one segment, without materializing g^2."""
+    x = _block_view(g, start, stop, blocks, in_out)
+    if in_out:  # a norm over dim 0 is slow on CPU: a dot product over it, then the small sum
+        return torch.linalg.vecdot(x, x, dim=0).sum(dim=-1).sqrt_()
+    return torch.linalg.vector_norm(x, dim=1)
+
+
+def _block_sq_sums(g: Tensor, layout: Blocks) -> Tensor:
+    ((start, stop, blocks),) = layout.segments
+    return _segment_norms(g, start, stop, blocks, layout.in_out)
+
+
 def block_mean_sq(g: Tensor, layout: Layout) -> Tensor:
     """``mean(g^2)`` of every block (flat, in block order), or ``g^2`` for a one-element-per-block layout."""
     if layout is None:
         return g * g
-    means = []
-    for start, stop, blocks in layout.segments:
-        x = _block_view(g, start, stop, blocks, layout.in_out)
-        # Neither reduces through a materialized g^2; a norm over dim 0 (stored (in, out)) is slow on CPU.
-        if layout.in_out:
-            sums = torch.linalg.vecdot(x, x, dim=0).sum(dim=-1)
-        else:
-            sums = torch.linalg.vector_norm(x, dim=1).square_()
-        means.append(sums.div_(x.numel() // blocks))
+    columns = g.numel() // _rows(g, layout.in_out)
+    means = [
+        _segment_norms(g, start, stop, blocks, layout.in_out).square_().div_((stop - start) * columns // blocks)
+        for start, stop, blocks in layout.segments
+    ]
     return means[0] if len(means) == 1 else torch.cat(means)
 
 
@@ -152,11 +161,29 @@ def apply_block_scale(p: Tensor, m: Tensor, scale: Tensor, layout: Layout) -> No
         )
 
 
-def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """Advance every step counter; ``(beta1^t - 1, sqrt(1 - beta2^t))`` per tensor, computed for all at once."""
+def _step_scales(
+    steps: list[Tensor], lr: float, beta1: float, beta2: float, eps: float
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Advance every step counter; per tensor ``(-lr sqrt(1 - beta2^t) / (1 - beta1^t), eps sqrt(1 - beta2^t))``.
+
+    With them the step size of a block is ``numerator / (sqrt(v) + eps')`` (= ``-lr / (1 - beta1^t) /
+    (sqrt(v) / sqrt(1 - beta2^t) + eps)``): three small ops per tensor, the bias corrections of all at once.
+    """
     torch._foreach_add_(steps, 1)
     t = torch.stack(steps)
-    return torch.pow(beta1, t).sub_(1).unbind(), torch.pow(beta2, t).neg_().add_(1).sqrt_().unbind()
+    bias_correction2_sqrt = torch.pow(beta2, t).neg_().add_(1).sqrt_()
+    numerators = bias_correction2_sqrt.mul(lr).div_(torch.pow(beta1, t).sub_(1))
+    return numerators.unbind(), bias_correction2_sqrt.mul_(eps).unbind()
+
+
+def update_block_second_moment(v: Tensor, g: Tensor, layout: Layout, beta2: float) -> None:
+    """``v = beta2 * v + (1 - beta2) * mean_B(g^2)`` for every block ``B`` of ``layout``."""
+    if layout is not None and len(layout.segments) == 1:
+        start, stop, blocks = layout.segments[0]
+        norms = _segment_norms(g, start, stop, blocks, layout.in_out)
+        v.mul_(beta2).addcmul_(norms, norms, value=(1 - beta2) * blocks / g.numel())
+    else:
+        v.lerp_(block_mean_sq(g, layout), 1 - beta2)
 
 
 def _single_tensor_adam_mini(
@@ -174,14 +201,13 @@ def _single_tensor_adam_mini(
     weight_decay: float,
 ) -> None:
     """One Adam-mini step, tensor by tensor (the reference path; on CPU the fast one: a tensor stays in cache)."""
-    bias_corrections1, bias_corrections2_sqrt = _bias_corrections(steps, beta1, beta2)
-    for p, g, m, v, bc1, bc2_sqrt, layout in zip(
-        params, grads, exp_avgs, exp_avg_sqs, bias_corrections1, bias_corrections2_sqrt, layouts, strict=True
+    numerators, epsilons = _step_scales(steps, lr, beta1, beta2, eps)
+    for p, g, m, v, numerator, eps_t, layout in zip(
+        params, grads, exp_avgs, exp_avg_sqs, numerators, epsilons, layouts, strict=True
     ):
         m.lerp_(g, 1 - beta1)
-        v.lerp_(block_mean_sq(g, layout), 1 - beta2)
-        # -lr / (1 - beta1^t) / (sqrt(v) / sqrt(1 - beta2^t) + eps): one value per block (bc1 = beta1^t - 1 < 0)
-        scale = v.sqrt().div_(bc2_sqrt).add_(eps).mul_(bc1).reciprocal_().mul_(lr)
+        update_block_second_moment(v, g, layout, beta2)
+        scale = torch.div(numerator, v.sqrt().add_(eps_t))  # one value per block
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
         apply_block_scale(p, m, scale, layout)
@@ -202,17 +228,14 @@ def _multi_tensor_adam_mini(
     weight_decay: float,
 ) -> None:
     """The same step with ``torch._foreach_*`` kernels over the group (one launch per op: the GPU path)."""
-    bias_corrections1, bias_corrections2_sqrt = _bias_corrections(steps, beta1, beta2)
+    numerators, epsilons = _step_scales(steps, lr, beta1, beta2, eps)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_lerp_(
-        exp_avg_sqs, [block_mean_sq(g, layout) for g, layout in zip(grads, layouts, strict=True)], 1 - beta2
-    )
+    for v, g, layout in zip(exp_avg_sqs, grads, layouts, strict=True):
+        update_block_second_moment(v, g, layout, beta2)
     scales = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(scales, bias_corrections2_sqrt)
-    torch._foreach_add_(scales, eps)
-    torch._foreach_mul_(scales, bias_corrections1)
+    torch._foreach_add_(scales, epsilons)
     torch._foreach_reciprocal_(scales)
-    torch._foreach_mul_(scales, lr)
+    torch._foreach_mul_(scales, numerators)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     for p, m, scale, layout in zip(params, exp_avgs, scales, layouts, strict=True):
