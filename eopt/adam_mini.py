@@ -107,6 +107,7 @@ def block_layout(group: dict, p: Tensor) -> Layout:
 
 
 def n_blocks(layout: Layout, p: Tensor) -> int:
+    """Second-moment values ``p`` keeps under ``layout``."""
     return p.numel() if layout is None else sum(blocks for _, _, blocks in layout.segments)
 
 
@@ -127,11 +128,6 @@ def _segment_norms(g: Tensor, start: int, stop: int, blocks: int, in_out: bool) 
     if in_out:  # a norm over dim 0 is slow on CPU: a dot product over it, then the small sum
         return torch.linalg.vecdot(x, x, dim=0).sum(dim=-1).sqrt_()
     return torch.linalg.vector_norm(x, dim=1)
-
-
-def _block_sq_sums(g: Tensor, layout: Blocks) -> Tensor:
-    ((start, stop, blocks),) = layout.segments
-    return _segment_norms(g, start, stop, blocks, layout.in_out)
 
 
 def block_mean_sq(g: Tensor, layout: Layout) -> Tensor:
