@@ -32,7 +32,8 @@ def test_matches_sophiag_with_interleaved_hessian_updates(foreach: bool) -> None
     ours, ref = _params(), _params()
     kw = dict(lr=1e-2, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
     bs = 64
-    opt = Sophia(ours, **kw, bs=bs, foreach=foreach)
+    # The foreach run takes bs per call, as SophiaG's step(bs=...), over a different constructor value.
+    opt = Sophia(ours, **kw, bs=1 if foreach else bs, foreach=foreach)
     oracle = sophia_opt.SophiaG(ref, **kw)
     gen = torch.Generator().manual_seed(1)
     win_rates = []
@@ -40,7 +41,7 @@ def test_matches_sophiag_with_interleaved_hessian_updates(foreach: bool) -> None
         grads = _grads(ours, gen)
         _set(ours, grads)
         _set(ref, grads)
-        opt.step()
+        opt.step(bs=bs) if foreach else opt.step()
         oracle.step(bs=bs)
         win_rates.append(float(opt.win_rate))
         if step % 3 == 0:  # the estimator's gradient on a fresh batch, after the step
