@@ -148,6 +148,7 @@ class Sophia(Optimizer):
         self.hessian_interval = hessian_interval
         self._stepped: list[tuple[dict, float, list[Tensor]]] = []  # (group, bs, params) of the last step
         self._win_rate: Tensor | None = None
+        self._bs_override: int | None = None
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
