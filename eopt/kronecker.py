@@ -17,6 +17,8 @@ here works on a *batch*: a leading dim ``B`` that stacks same-shape tensors, so 
 - :class:`StateBuckets`: per-parameter state tensors that are views into one batched buffer per shape, so
   the batched kernels run on the state in place (no stacking copy per step) while ``optimizer.state``
   keeps ordinary per-parameter entries for ``state_dict`` and distributed checkpointing.
+- :class:`KroneckerOptimizer`: the optimizer base both build on (eager bucketed state, per-parameter CPU
+  step counters, a ``load_state_dict`` that keeps the fp32 state of low-precision parameters in fp32).
 """
 
 from __future__ import annotations
