@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cases import Case  # noqa: E402
+from recipes.models import param_hints  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock = time.perf_counter
@@ -41,17 +42,6 @@ SIZES = {
     "small": {"hidden": 256, "layers": 4, "mlp": 640, "heads": 4, "kv_heads": 4, "vocab": 4096},
     "large": {"hidden": 512, "layers": 8, "mlp": 1376, "heads": 8, "kv_heads": 8, "vocab": 4096},
 }
-
-_ROLES = (
-    ("embed_tokens", "embedding"),
-    ("lm_head", "head"),
-    ("q_proj", "q"),
-    ("k_proj", "k"),
-    ("v_proj", "v"),
-    ("o_proj", "attn_out"),
-    ("mlp.", "mlp"),
-    ("norm", "norm"),
-)
 
 
 def build_model(size: str) -> tuple[list[tuple[str, torch.nn.Parameter]], dict]:
@@ -71,13 +61,7 @@ def build_model(size: str) -> tuple[list[tuple[str, torch.nn.Parameter]], dict]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
     named = list(model.named_parameters())
-    hints = {}
-    for name, _ in named:
-        role = next((r for key, r in _ROLES if key in name), "matrix")
-        hint: dict = {"role": role}
-        if role in ("q", "k", "v"):
-            hint.update(n_heads=s["heads"], n_kv_heads=s["kv_heads"])
-        hints[name] = hint
+    hints = param_hints(model)
     info = {"n_heads": s["heads"], "n_kv_heads": s["kv_heads"], "hidden": s["hidden"], "hints": hints}
     return named, info
 

@@ -91,6 +91,24 @@ class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def _step_group(self, group: dict) -> None:
         """Update the parameters of one of this algorithm's groups that have a gradient."""
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict`` that restores every state tensor in its saved dtype.
+
+        torch casts floating-point state to the parameter's dtype, which would turn the fp32 statistics of a
+        bf16 parameter into bf16 and make a resumed run differ from an uninterrupted one.
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key, value in saved.get(index, {}).items():
+                    current = self.state[p].get(key)
+                    if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor):
+                        if current.dtype != value.dtype:
+                            self.state[p][key] = value.to(device=current.device, dtype=value.dtype)
+                index += 1
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None

@@ -18,7 +18,7 @@ here works on a *batch*: a leading dim ``B`` that stacks same-shape tensors, so 
   the batched kernels run on the state in place (no stacking copy per step) while ``optimizer.state``
   keeps ordinary per-parameter entries for ``state_dict`` and distributed checkpointing.
 - :class:`KroneckerOptimizer`: the optimizer base both build on (eager bucketed state, per-parameter CPU
-  step counters, a ``load_state_dict`` that keeps the fp32 state of low-precision parameters in fp32).
+  step counters, batched state buffers rebuilt after ``load_state_dict``).
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def _precision(precision: str) -> Iterator[None]:
 
 
 class KroneckerOptimizer(Optimizer):
-    """Base of the Kronecker-factored optimizers: bucketed eager state and a dtype-exact ``load_state_dict``.
+    """Base of the Kronecker-factored optimizers: bucketed eager state, rebuilt after ``load_state_dict``.
 
     A subclass implements :meth:`_state_spec` (the batched state keys of one parameter shape) and
     :meth:`_step_bucket` (update the bucket entries ``sel`` that have a gradient). Same-shape parameters
@@ -386,22 +386,7 @@ class KroneckerOptimizer(Optimizer):
                     self.state[bucket.params[i]]["step"].add_(1)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """``torch.optim.Optimizer.load_state_dict`` that keeps each state tensor's saved dtype.
-
-        torch casts floating-point state to the parameter's dtype, which would turn the fp32 factors of a
-        bf16 parameter into bf16; here every tensor is restored in the dtype it was saved with.
-        """
         super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                for key, value in saved.get(index, {}).items():
-                    current = self.state[p].get(key)
-                    if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor):
-                        if current.dtype != value.dtype:
-                            self.state[p][key] = value.to(device=current.device, dtype=value.dtype)
-                index += 1
         self._buckets = {}
 
 

@@ -137,8 +137,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_s
 
 
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Current LR per group kind, keyed ``lr/<algorithm>/<role>`` (one entry per distinct kind)."""
+    """Current LR per algorithm (``lr/muon``, ``lr/adamw``, ...) and ``lr``, the LR of the optimizer's own groups."""
+    own = getattr(optimizer, "algorithm", "adamw")
     rates: dict[str, float] = {}
     for group in optimizer.param_groups:
-        rates.setdefault(f"lr/{group.get('algorithm', 'adamw')}/{group.get('role', 'all')}", group["lr"])
+        algorithm = group.get("algorithm", own)
+        rates.setdefault(f"lr/{algorithm}", group["lr"])
+        if algorithm == own:
+            rates.setdefault("lr", group["lr"])
     return rates

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import io
 import itertools
-import typing
 
 import pytest
 import torch
+from oracles import allow_nvidia_import
 
 import eopt
 from eopt.muon import Muon, scale_factor
@@ -186,10 +186,7 @@ def test_in_out_storage_uses_the_transpose():
 
 
 def nvidia():
-    pytest.importorskip("typing_extensions")
-    import typing_extensions
-
-    typing.override = typing_extensions.override  # the package uses typing.override (Python >= 3.12)
+    allow_nvidia_import()
     return pytest.importorskip("emerging_optimizers.orthogonalized_optimizers")
 
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from oracles import allow_nvidia_import
 
 import eopt
 from eopt.kronecker import merge_small_dims, update_factor_
@@ -105,13 +106,7 @@ def test_merge_small_dims():
 
 
 def _nvidia_soap():
-    pytest.importorskip("absl")
-    import typing
-
-    import typing_extensions
-
-    if not hasattr(typing, "override"):
-        typing.override = typing_extensions.override
+    allow_nvidia_import()
     module = pytest.importorskip("emerging_optimizers.soap.soap")
     return module.SOAP
 

@@ -9,20 +9,17 @@ so the rows differ only in how the Muon part is computed. NVIDIA's Muon runs in 
 
 from __future__ import annotations
 
-import typing
-
 import torch
 
 from benchmarks.cases import Case, Chain, backup_adamw, split_params
+from tests.oracles import allow_nvidia_import
 
 MUON = {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.0}
 BACKUP = {"lr": 8e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
 
 
 def _nvidia(named, info) -> torch.optim.Optimizer:
-    import typing_extensions
-
-    typing.override = typing_extensions.override  # emerging_optimizers needs typing.override (Python >= 3.12)
+    allow_nvidia_import()
     from emerging_optimizers.orthogonalized_optimizers import Muon
 
     matrices, others = split_params(named, info)
