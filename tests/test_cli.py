@@ -269,3 +269,15 @@ def test_checkpoint_from_another_model_is_refused_and_left_intact(pystdlib_data_
     assert_one_line_error(proc, "cannot resume", "n_layer")
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     assert after == before
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_run(pystdlib_data_root, tmp_path):
+    common = [f"data.root={pystdlib_data_root}", *SMALL, "train.max_steps=6", "train.eval_every=3"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert run_train(*common, f"hydra.run.dir={eager}").returncode == 0
+    proc = run_train(*common, "train.compile=true", f"hydra.run.dir={compiled}", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    for (step_a, key_a, a), (step_b, key_b, b) in zip(losses(eager), losses(compiled), strict=True):
+        assert (step_a, key_a) == (step_b, key_b)
+        assert b == pytest.approx(a, rel=1e-4)
