@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import AutoTokenizer
 
 import eopt
 from recipes.checkpoint import Checkpointer
@@ -186,6 +187,14 @@ def estimate_hessian(model: nn.Module, optimizer, batch: tuple, plan: Plan, cfg:
         hessian_update(model, optimizer, inputs, targets, grad_clip=cfg.train.grad_clip, generator=generator)
 
 
+def export_model(model: nn.Module, data_dir: Path, out: Path) -> None:
+    """``save_pretrained`` the model, with the dataset's tokenizer when it has a Hugging Face one, so that any HF
+    tool (generation, lm-eval) loads the directory as it is."""
+    model.save_pretrained(out)
+    if (data_dir / "tokenizer_config.json").exists():
+        AutoTokenizer.from_pretrained(data_dir).save_pretrained(out)
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -304,8 +313,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         last = state.step == plan.max_steps
         checkpoint_due = t.checkpoint_every > 0 and state.step % t.checkpoint_every == 0
         if state.step % t.log_every == 0 or last or checkpoint_due or stop.signum is not None:
-            loss_sum, _ = window.tolist()
-            if not all(math.isfinite(v) for v in window.tolist()):
+            loss_sum, norm_sum = window.tolist()
+            if not (math.isfinite(loss_sum) and math.isfinite(norm_sum)):
                 raise TrainingError(
                     f"non-finite loss or gradient by step {state.step}: lower optimizer.lr or set train.grad_clip; "
                     f"the checkpoints in {checkpointer.directory} are from before it and intact"
@@ -354,7 +363,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         val_loss = run_eval()
     save_checkpoint()
     if t.save_model:
-        model.save_pretrained(run_dir / "model")
+        export_model(model, data_dir, run_dir / "model")
     log.close()
     summary.update(
         {

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # A small model and batch so that each run takes seconds on two CPU cores.
@@ -84,7 +85,10 @@ def test_default_run_on_reduced_budget(pystdlib_data_root, tmp_path):
     assert summary["params"] == 5_518_848 and summary["steps"] == 40
     assert summary["tokens"] == 40 * 8 * 256 and summary["final_val_loss"] == val[-1]
     assert summary["tokens_to_target"] is None and summary["optimizer"] == "adamw"
-    assert (run_dir / "model" / "config.json").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert exported.config.vocab_size == len(tokenizer) == 8192
     assert len(list((run_dir / "checkpoints").iterdir())) == 1
 
 
