@@ -169,8 +169,8 @@ class Adafactor(Optimizer):
         params = params_with_grad(group)
         if not params:
             return
-        if any(p.grad.is_sparse or p.is_complex() for p in params):
-            raise RuntimeError("Adafactor does not support sparse gradients or complex parameters")
+        if any(p.is_complex() for p in params):
+            raise RuntimeError("Adafactor does not support complex parameters")
         eps1, eps2 = group["eps"]
         _single_tensor_adafactor(
             params,

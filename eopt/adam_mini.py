@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from eopt.base import Optimizer, ParamGroups, check, params_with_grad
+from eopt.base import Optimizer, ParamGroups, check, params_with_grad, use_foreach
 
 
 class Blocks(NamedTuple):
@@ -346,13 +346,8 @@ class AdamMini(Optimizer):
         params = params_with_grad(group)
         if not params:
             return
-        if any(p.grad.is_sparse for p in params):
-            raise RuntimeError("AdamMini does not support sparse gradients")
         states = [self.state[p] for p in params]
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = params[0].device.type != "cpu"
-        fn = _multi_tensor_adam_mini if foreach else _single_tensor_adam_mini
+        fn = _multi_tensor_adam_mini if use_foreach(group, params) else _single_tensor_adam_mini
         beta1, beta2 = group["betas"]
         fn(
             params,

@@ -125,8 +125,18 @@ class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
 
 def params_with_grad(group: dict) -> list[torch.Tensor]:
-    """The group's parameters that received a gradient this step."""
-    return [p for p in group["params"] if p.grad is not None]
+    """The group's parameters that received a gradient this step (dense gradients only)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):
+        raise RuntimeError("eopt optimizers do not support sparse gradients")
+    return params
+
+
+def use_foreach(group: dict, params: list[torch.Tensor]) -> bool:
+    """The group's ``foreach`` setting; ``None`` means foreach kernels off the CPU and the tensor-by-tensor path on
+    it, where a tensor stays in cache across the elementwise ops and so beats one launch per op."""
+    foreach = group["foreach"]
+    return params[0].device.type != "cpu" if foreach is None else foreach
 
 
 def group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:

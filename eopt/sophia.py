@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from eopt.base import Optimizer, ParamGroups, check, params_with_grad
+from eopt.base import Optimizer, ParamGroups, check, params_with_grad, use_foreach
 
 ESTIMATORS = ("gnb", "hutchinson")
 _TINY = 1e-15  # the authors' guard against h = 0
@@ -227,13 +227,8 @@ class Sophia(Optimizer):
         params = params_with_grad(group)
         if not params:
             return
-        if any(p.grad.is_sparse for p in params):
-            raise RuntimeError("Sophia does not support sparse gradients")
         states = [self.state[p] for p in params]
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = params[0].device.type != "cpu"
-        fn = _multi_tensor_sophia if foreach else _single_tensor_sophia
+        fn = _multi_tensor_sophia if use_foreach(group, params) else _single_tensor_sophia
         bs = group["bs"] if self._bs_override is None else self._bs_override
         self._stepped.append((group, bs, params))
         fn(

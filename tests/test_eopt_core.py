@@ -52,6 +52,17 @@ def set_grads(params, step: int) -> None:
 # ---------------------------------------------------------------- AdamW and backup AdamW vs torch.optim.AdamW
 
 
+def assert_same_after_20_steps(opt, ours, ref, theirs) -> None:
+    """Step both optimizers 20 times on the same gradients; parameters must agree to 1e-6 relative."""
+    for step in range(20):
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs, strict=True):
+        assert rel(p.detach(), q.detach()) <= 1e-6
+
+
 @pytest.mark.parametrize(
     "hp",
     [
@@ -66,13 +77,7 @@ def test_adamw_matches_torch(hp):
     ours, theirs = clone_params(model), clone_params(model)
     opt = eopt.AdamW(ours, **hp)
     ref = torch.optim.AdamW(theirs, **hp)
-    for step in range(20):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for p, q in zip(ours, theirs, strict=True):
-        assert rel(p.detach(), q.detach()) <= 1e-6
+    assert_same_after_20_steps(opt, ours, ref, theirs)
 
 
 def test_adamw_per_group_hyperparameters_match_torch():
@@ -88,13 +93,7 @@ def test_adamw_per_group_hyperparameters_match_torch():
 
     opt = eopt.AdamW(groups(ours), lr=1e-3)
     ref = torch.optim.AdamW(groups(theirs), lr=1e-3)
-    for step in range(20):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for p, q in zip(ours, theirs, strict=True):
-        assert rel(p.detach(), q.detach()) <= 1e-6
+    assert_same_after_20_steps(opt, ours, ref, theirs)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -110,13 +109,7 @@ def test_every_optimizers_backup_adamw_matches_torch(name):
     opt = eopt.build(zip(names, ours, strict=True), name, rules={".": "adamw"}, decay_1d=True, **kw)
     assert {g["algorithm"] for g in opt.param_groups} == {"adamw"}
     ref = torch.optim.AdamW(theirs, **hp)
-    for step in range(20):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for p, q in zip(ours, theirs, strict=True):
-        assert rel(p.detach(), q.detach()) <= 1e-6
+    assert_same_after_20_steps(opt, ours, ref, theirs)
 
 
 def test_backup_groups_next_to_muon_match_torch_adamw():
