@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from eopt.base import Optimizer, ParamGroups, group_by_shape
+from eopt.symmetric import symmetric_matmul_, symmetric_panels
 
 # --------------------------------------------------------------------------------------------- shapes
 
@@ -88,28 +89,20 @@ def unfold(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.movedim(dim, 1).reshape(x.shape[0], x.shape[dim], -1)
 
 
-def _symmetric_panels(d: int) -> int:
-    """Row panels of :func:`update_factor_`'s symmetric product (measured on a 2-core CPU, fp32)."""
-    return 1 if d < 128 else 2 if d < 768 else 4
-
-
 def update_factor_(factor: torch.Tensor, x: torch.Tensor, dim: int, weight: float | None, plain: bool = False) -> None:
     """``factor = (1 - weight) * factor + weight * X X^T`` (``factor += X X^T`` when ``weight`` is None).
 
     ``X`` is the unfolding of batched ``x`` along ``dim``; ``factor`` has shape ``(B, d, d)``, ``x`` has shape
-    ``(B, d_1, ..., d_k)``. The product is symmetric, so only its upper part is multiplied: ``X`` is cut into
-    k row panels and panel i is multiplied with panels i..k-1 in one GEMM (k(k+1)/2 of k^2 blocks: 3/4 for
-    k = 2, 5/8 for k = 4), the EMA fused in the GEMM (``baddbmm`` alpha/beta); the part below the diagonal is
-    then copied from its mirror. ``factor`` must be symmetric on entry (it is: it only ever receives these).
+    ``(B, d_1, ..., d_k)``. The product is symmetric, so only its upper panels are multiplied
+    (:func:`eopt.symmetric.symmetric_matmul_`), the EMA fused in the GEMM (``baddbmm`` alpha/beta).
+    ``factor`` must be symmetric on entry (it is: it only ever receives these).
 
-    Small factors (and ``plain=True``) take the full product and apply the EMA as ``lerp_`` (``add_``): the
-    authors' arithmetic bit for bit. SOAP's first basis is an eigh of a rank-deficient factor whose null-space
-    vectors are arbitrary, so only identical arithmetic gives the authors' basis.
+    Small factors (one panel) and ``plain=True`` take the full product and apply the EMA as ``lerp_``
+    (``add_``): the authors' arithmetic bit for bit. SOAP's first basis is an eigh of a rank-deficient
+    factor whose null-space vectors are arbitrary, so only identical arithmetic gives the authors' basis.
     """
     u = unfold(x, dim).to(factor.dtype)
-    d = u.shape[1]
-    k = _symmetric_panels(d)
-    if plain or k == 1:
+    if plain or symmetric_panels(u.shape[1]) == 1:
         product = torch.bmm(u, u.mT)
         if weight is None:
             factor.add_(product)
@@ -117,13 +110,7 @@ def update_factor_(factor: torch.Tensor, x: torch.Tensor, dim: int, weight: floa
             factor.lerp_(product, weight)
         return
     beta, alpha = (1.0, 1.0) if weight is None else (1.0 - weight, weight)
-    edges = [d * i // k for i in range(k + 1)]
-    for i in range(k):
-        rows, upper = slice(edges[i], edges[i + 1]), slice(edges[i], d)
-        factor[:, rows, upper].baddbmm_(u[:, rows], u[:, upper].mT, beta=beta, alpha=alpha)
-        if edges[i + 1] < d:
-            below = slice(edges[i + 1], d)
-            factor[:, below, rows].copy_(factor[:, rows, below].mT)
+    symmetric_matmul_(factor, u, u, beta=beta, alpha=alpha)
 
 
 def contract(x: torch.Tensor, q: torch.Tensor, dim: int, transpose: bool) -> torch.Tensor:

@@ -49,7 +49,7 @@ def cases() -> list[Case]:
     return [
         Case("emerging_optimizers.Muon (fp32)", "muon", _nvidia, baseline=True),
         Case("eopt.Muon", "muon", _eopt()),
-        Case("eopt.Muon (ns_method=gram)", "muon", _eopt(ns_method="gram")),
+        Case("eopt.Muon (ns_method=direct)", "muon", _eopt(ns_method="direct")),
         Case("eopt.Muon (foreach=False)", "muon", _eopt(foreach=False)),
         Case("eopt.Muon (normuon)", "muon", _eopt(second_moment="normuon", scale="spectral", lr=2e-3)),
         Case("eopt.Muon (adamuon)", "muon", _eopt(second_moment="adamuon", scale="match_rms_adamw", lr=2e-3)),
