@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ class Entry:
             for k, v in list(sig.parameters.items())[2:]
             if v.default is not inspect.Parameter.empty and v.kind is not inspect.Parameter.VAR_KEYWORD
         }
+
+    @property
+    def annotations(self) -> dict:
+        """The constructor's type hints, resolved (``typing.get_type_hints``)."""
+        return typing.get_type_hints(self.cls.__init__)
 
 
 OPTIMIZERS: dict[str, Entry] = {}

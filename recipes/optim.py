@@ -7,7 +7,10 @@ constructor arguments, a ``backup`` block (AdamW for embeddings, head and 1-D pa
 
 from __future__ import annotations
 
+import collections.abc
 import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,10 +26,26 @@ RECIPE_KEYS = ("name", "lr", "weight_decay", "backup", "routing", "rules", "deca
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 
 
-def _typed(key: str, value: Any, default: Any) -> Any:
-    """``value`` converted to the type of the constructor default, or a ConfigError naming the key."""
+def _admits_sequence(hint: Any) -> bool:
+    """Whether a constructor type hint accepts a list (e.g. Muon's ``coefficients: str | Sequence[...]``)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return any(typing.get_origin(o) in (list, tuple, collections.abc.Sequence) for o in options)
+
+
+def _nested_tuple(value: Any) -> Any:
+    return tuple(_nested_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _typed(key: str, value: Any, default: Any, hint: Any = None) -> Any:
+    """``value`` converted to the type of the constructor default, or a ConfigError naming the key.
+
+    A list is also taken where the constructor's type hint admits a sequence although its default is not
+    one (Muon's custom coefficient list); the optimizer then validates its contents.
+    """
     if default is None or value is None:
         return value
+    if isinstance(value, (list, tuple)) and not isinstance(default, tuple) and _admits_sequence(hint):
+        return _nested_tuple(value)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, (int, float)):
@@ -58,7 +77,8 @@ def optimizer_kwargs(ocfg: Mapping[str, Any]) -> tuple[str, dict]:
     lr = ocfg.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise ConfigError(f"optimizer.lr={lr!r} must be a number > 0: e.g. optimizer.lr=3e-4")
-    kwargs = {k: _typed(k, v, entry.defaults.get(k)) for k, v in ocfg.items() if k in entry.defaults}
+    hints = entry.annotations
+    kwargs = {k: _typed(k, v, entry.defaults.get(k), hints.get(k)) for k, v in ocfg.items() if k in entry.defaults}
     return name, kwargs
 
 
