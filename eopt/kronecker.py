@@ -150,6 +150,18 @@ def _eigh_one_by_one(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals, evecs
 
 
+def _eigh_with_retry(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh``; if fp32 LAPACK fails, the batch in float64; if that fails, matrix by matrix (NaN
+    where one fails). After a retry the results are float64."""
+    try:
+        return torch.linalg.eigh(a)
+    except RuntimeError:
+        try:
+            return torch.linalg.eigh(a.to(torch.float64))
+        except RuntimeError:
+            return _eigh_one_by_one(a)
+
+
 def eigh_descending(
     a: torch.Tensor,
     previous: torch.Tensor | None = None,
@@ -165,14 +177,8 @@ def eigh_descending(
     """
     if jitter:
         a = a + jitter * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    try:
-        evals, evecs = torch.linalg.eigh(a)
-    except RuntimeError:
-        try:
-            evals, evecs = torch.linalg.eigh(a.to(torch.float64))
-        except RuntimeError:
-            evals, evecs = _eigh_one_by_one(a)
-        evals, evecs = evals.to(a.dtype), evecs.to(a.dtype)
+    evals, evecs = _eigh_with_retry(a)
+    evals, evecs = evals.to(a.dtype), evecs.to(a.dtype)
     return evals.flip(-1), _keep_previous(evecs.flip(-1), previous, failures)
 
 
@@ -216,13 +222,7 @@ def inverse_root(
     """
     n = factor.shape[-1]
     shifted = factor + epsilon * torch.eye(n, dtype=factor.dtype, device=factor.device)
-    try:
-        evals, evecs = torch.linalg.eigh(shifted)
-    except RuntimeError:
-        try:
-            evals, evecs = torch.linalg.eigh(shifted.to(torch.float64))
-        except RuntimeError:
-            evals, evecs = _eigh_one_by_one(shifted)
+    evals, evecs = _eigh_with_retry(shifted)
     evals = evals.clamp(min=epsilon) if epsilon > 0 else evals.clamp(min=torch.finfo(evals.dtype).tiny)
     # V diag(l^(-1/root)) V^T = W W^T with W = V diag(l^(-1/(2 root))): a symmetric product (upper panels only).
     half = (evecs * evals.pow(-0.5 / root).unsqueeze(-2)).to(factor.dtype)

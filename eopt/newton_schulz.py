@@ -82,13 +82,13 @@ GRAM_ASPECT = 2.0
 # Steps between restarts of the Gram iteration (X and its Gram matrix recomputed from the current iterate).
 # Measured in fp32 against a float64 reference, 5 steps, 64-640 wide matrices with singular values spanning
 # 2 to 6 decades, every coefficient set: restarting every 3 steps keeps the relative error within 6x of the
-# direct iteration's and below 6e-5; every 2 steps within 2x (but 3-5% slower); never, up to 50x and 4e-4.
+# direct iteration's and below 6e-5; every 2 steps within 2x (but up to 10% slower); never, up to 50x and 4e-4.
 GRAM_RESTART = 3
 
 # Largest stack (in elements, but at least 2 matrices, one per thread of this 2-core CPU) that one batched CPU
 # iteration runs on: a longer stack is iterated in chunks so that X, A, B and the new X of a chunk stay in
-# cache (2 MiB L2 per core). Measured with 2 threads, 5 steps: 32 x 512 x 512 runs 1.15-1.2x faster in
-# chunks of 2 than as one stack, 16 x 256 x 256 1.1-1.2x in chunks of 4.
+# cache (2 MiB L2 per core). Measured with 2 threads, 5 steps (benchmarks/kernels.py): with the symmetric
+# panels, 32 x 512 x 512 takes 0.77x and 16 x 256 x 256 0.90x the time of the plain whole-stack iteration.
 CPU_CHUNK_ELEMENTS = 2**18
 
 # Band the singular values land in after 5 steps, for an input whose singular values span two decades

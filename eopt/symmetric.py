@@ -13,10 +13,10 @@ import torch
 
 
 def symmetric_panels(d: int) -> int:
-    """Row panels for a ``d x d`` symmetric product: ``1`` (a plain GEMM) below 128.
+    """Row panels for a ``d x d`` symmetric product: ``1`` (a plain GEMM) below 384, else 4.
 
-    Measured on this project's 2-core CPU (fp32, 2 threads) against one ``bmm``: 2 panels take 0.85-0.92x
-    its time at d = 256-640, 4 panels 0.7x at d = 1024 (``benchmarks/RESULTS.md``).
+    Measured on this project's 2-core CPU (fp32, 2 threads, ``benchmarks/kernels.py``) against one ``bmm``:
+    4 panels take 0.72-0.86x its time at d = 512-1376 and 0.83x at 640; at 256 neither 2 nor 4 panels gain.
     """
     return 1 if d < 384 else 4
 

@@ -3,11 +3,11 @@ from-formula NorMuon/AdaMuon, torch.optim.Muon (bf16 NS), and properties of the 
 
 from __future__ import annotations
 
-import io
 import itertools
 
 import pytest
 import torch
+from optim_checks import assert_degenerate_gradients_stay_finite, assert_resume_is_bitwise
 from oracles import allow_nvidia_import
 
 import eopt
@@ -356,50 +356,14 @@ def test_gram_ns_is_as_accurate_as_direct_in_fp32(coefficients):
 def test_zero_and_rank1_gradients_are_finite(kind, second_moment):
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(32, 16), (16, 32), (8, 4, 3, 3)]]
     opt = Muon(params, second_moment=second_moment, weight_decay=0.1)
-    for _ in range(3):
-        for p in params:
-            if kind == "zero":
-                p.grad = torch.zeros_like(p)
-            else:
-                g = torch.outer(torch.randn(p.shape[0]), torch.randn(p[0].numel()))
-                p.grad = g.reshape(p.shape)
-        opt.step()
-        assert all(torch.isfinite(p).all() for p in params)
+    assert_degenerate_gradients_stay_finite(opt, params, kind, steps=3)
 
 
 def test_state_dict_round_trip_is_bitwise():
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
-    named = list(model.named_parameters())
-
-    def grads(step):
-        gen = torch.Generator().manual_seed(100 + step)
-        return [torch.randn(p.shape, generator=gen) for _, p in named]
-
-    opt = eopt.build(named, "muon", second_moment="adamuon", backup={"lr": 1e-3})
-    for step in range(3):
-        for (_, p), g in zip(named, grads(step), strict=True):
-            p.grad = g
-        opt.step()
-    buffer = io.BytesIO()  # through bytes, as a checkpoint does (state_dict() holds live tensors)
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    saved_state = torch.load(buffer)
-    saved_params = [p.detach().clone() for _, p in named]
-
-    twin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
-    with torch.no_grad():
-        for q, p in zip(twin.parameters(), saved_params, strict=True):
-            q.copy_(p)
-    twin_named = list(twin.named_parameters())
-    twin_opt = eopt.build(twin_named, "muon", second_moment="adamuon", backup={"lr": 1e-3})
-    twin_opt.load_state_dict(saved_state)
-    for step in range(3, 6):
-        for (_, p), (_, q), g in zip(named, twin_named, grads(step), strict=True):
-            p.grad, q.grad = g, g.clone()
-        opt.step()
-        twin_opt.step()
-    for (_, p), (_, q) in zip(named, twin_named, strict=True):
-        assert torch.equal(p, q)
+    named = list(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)).named_parameters())
+    assert_resume_is_bitwise(
+        lambda ps: eopt.build(ps, "muon", second_moment="adamuon", backup={"lr": 1e-3}), named, 3, 3
+    )
 
 
 def test_scheduler_scales_every_group():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
+from optim_checks import (
+    assert_degenerate_gradients_stay_finite,
+    assert_resume_is_bitwise,
+    named_params,
+    set_grads,
+)
 
 import eopt
 from eopt.kronecker import tensor_blocks
@@ -228,22 +232,7 @@ def test_blocks_are_preconditioned_independently():
 def test_degenerate_gradients_stay_finite(kind, grafting):
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 6), (8, 6), (5,), (3, 4, 2)]]
     opt = eopt.Shampoo(params, grafting=grafting, precondition_frequency=2, start_preconditioning_step=2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        for p in params:
-            if kind == "zero":
-                p.grad = torch.zeros_like(p)
-            elif kind == "rank1":
-                u = torch.randn(p.shape[0], generator=gen)
-                v = torch.randn(p.shape[1:], generator=gen) if p.ndim > 1 else torch.ones(())
-                p.grad = torch.einsum("i,...->i...", u, v)
-            else:
-                p.grad = torch.randn(p.shape, generator=gen) * (1e12 if kind == "huge" else 1e-12)
-        opt.step()
-    for p in params:
-        assert torch.isfinite(p).all()
-        for value in opt.state[p].values():
-            assert torch.isfinite(value).all()
+    assert_degenerate_gradients_stay_finite(opt, params, kind, steps=5)
 
 
 def test_eigh_failure_retries_in_float64_then_keeps_the_previous_root(monkeypatch):
@@ -295,37 +284,12 @@ def test_invalid_arguments_name_the_argument(kw, name):
 
 
 def _model_params():
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"a.weight": (8, 6), "b.weight": (8, 6), "big.weight": (10, 3), "norm.weight": (6,)}
-    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen))) for n, s in shapes.items()]
-
-
-def _set_grads(named, step):
-    gen = torch.Generator().manual_seed(100 + step)
-    for _, p in named:
-        p.grad = torch.randn(p.shape, generator=gen)
+    return named_params({"a.weight": (8, 6), "b.weight": (8, 6), "big.weight": (10, 3), "norm.weight": (6,)})
 
 
 def test_state_dict_round_trip_is_bitwise():
     kw = {"precondition_frequency": 3, "max_preconditioner_dim": 4, "weight_decay": 0.01}
-    named = _model_params()
-    opt = eopt.build(named, "shampoo", **kw)
-    for step in range(4):
-        _set_grads(named, step)
-        opt.step()
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    clone = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
-    resumed = eopt.build(clone, "shampoo", **kw)
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
-    for step in range(4, 10):
-        _set_grads(named, step)
-        _set_grads(clone, step)
-        opt.step()
-        resumed.step()
-    for (_, a), (_, b) in zip(named, clone, strict=True):
-        assert torch.equal(a, b)
+    assert_resume_is_bitwise(lambda named: eopt.build(named, "shampoo", **kw), _model_params(), 4, 6)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -354,7 +318,7 @@ def test_algoperf_configuration_through_build():
     )
     before = [p.detach().clone() for _, p in named]
     for step in range(5):
-        _set_grads(named, step)
+        set_grads(named, step)
         opt.step()
     for (_, p), b in zip(named, before, strict=True):
         assert torch.isfinite(p).all() and not torch.equal(p, b)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
 import torch
+from optim_checks import (
+    assert_degenerate_gradients_stay_finite,
+    assert_resume_is_bitwise,
+    named_params,
+    set_grads,
+)
 from oracles import allow_nvidia_import
 
 import eopt
@@ -314,21 +319,7 @@ def test_degenerate_gradients_stay_finite(kind):
     shapes = [(8, 6), (8, 6), (5,)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     opt = eopt.SOAP(params, precondition_frequency=2, precondition_1d=True)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        for p in params:
-            if kind == "zero":
-                p.grad = torch.zeros_like(p)
-            elif kind == "rank1":
-                u, v = torch.randn(p.shape[0], 1, generator=gen), torch.randn(1, *p.shape[1:], generator=gen)
-                p.grad = (u * v).reshape(p.shape)
-            else:
-                p.grad = torch.randn(p.shape, generator=gen) * (1e12 if kind == "huge" else 1e-12)
-        opt.step()
-    for p in params:
-        assert torch.isfinite(p).all()
-        for value in opt.state[p].values():
-            assert torch.isfinite(value).all()
+    assert_degenerate_gradients_stay_finite(opt, params, kind, steps=6)
 
 
 def test_eigh_failure_retries_in_float64_then_keeps_the_previous_basis(monkeypatch):
@@ -366,36 +357,11 @@ def test_eigh_failure_retries_in_float64_then_keeps_the_previous_basis(monkeypat
 
 
 def _model_params():
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"a.weight": (8, 6), "b.weight": (8, 6), "c.weight": (6, 8), "norm.weight": (6,)}
-    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen))) for n, s in shapes.items()]
-
-
-def _set_grads(named, step):
-    gen = torch.Generator().manual_seed(100 + step)
-    for _, p in named:
-        p.grad = torch.randn(p.shape, generator=gen)
+    return named_params({"a.weight": (8, 6), "b.weight": (8, 6), "c.weight": (6, 8), "norm.weight": (6,)})
 
 
 def test_state_dict_round_trip_is_bitwise():
-    named = _model_params()
-    opt = eopt.build(named, "soap", precondition_frequency=3)
-    for step in range(5):
-        _set_grads(named, step)
-        opt.step()
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    clone = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
-    resumed = eopt.build(clone, "soap", precondition_frequency=3)
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
-    for step in range(5, 12):
-        _set_grads(named, step)
-        _set_grads(clone, step)
-        opt.step()
-        resumed.step()
-    for (_, a), (_, b) in zip(named, clone, strict=True):
-        assert torch.equal(a, b)
+    assert_resume_is_bitwise(lambda named: eopt.build(named, "soap", precondition_frequency=3), _model_params(), 5, 7)
 
 
 def test_load_state_dict_keeps_fp32_state_of_low_precision_params():
@@ -423,7 +389,7 @@ def test_scheduler_scales_every_group():
     zero.step()
     before = [p.detach().clone() for _, p in named]
     for step in range(3):
-        _set_grads(named, step)
+        set_grads(named, step)
         opt.step()
     assert all(torch.equal(p, b) for (_, p), b in zip(named, before, strict=True))
 
@@ -435,7 +401,7 @@ def test_missing_gradients_leave_params_and_state_alone():
     ref = eopt.build(single, "soap", precondition_frequency=2)
     frozen = named[1][1].detach().clone()
     for step in range(6):
-        _set_grads(named, step)
+        set_grads(named, step)
         named[1][1].grad = None
         single[0][1].grad = named[0][1].grad.clone()
         opt.step()
