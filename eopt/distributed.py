@@ -1,0 +1,92 @@
+"""What eopt's optimizers need to run on distributed parameters: local shards, full gathers, partial-sum reductions.
+
+Under DDP every parameter and gradient is a plain tensor, identical on every rank after the gradient
+all-reduce, so every optimizer runs unchanged (and every rank computes the same update). Under FSDP2 and
+HSDP a parameter is a ``DTensor`` sharded along dim 0 over the mesh's shard dim (``Shard(0)``, replicated
+over HSDP's replicate dim); its ``shape`` is the global one and its gradient is sharded the same way.
+The optimizers then work in three ways, chosen by the math:
+
+- elementwise math (AdamW, Sophia, Muon's momentum, weight decay) runs on :func:`local` shards;
+- a statistic that spans shards (Adam-mini's per-block second moment, Adafactor's column factor and RMS) is
+  a local partial sum, reduced over the shard groups with one :func:`all_reduce_sum_` per param group;
+- matrix work (Muon's Newton–Schulz, SOAP's and Shampoo's factors and bases) runs on the :func:`full`
+  matrix, identically on every rank (``matrix_update="replicated"``), and each rank adds the rows of the
+  result that it holds (:func:`add_local_`).
+
+State layout rule (see :mod:`eopt.base`): a state tensor either is sharded like its parameter (a
+``DTensor``) or holds the same value on every rank; never a plain tensor whose value differs between ranks
+under one key, since ``torch.distributed.checkpoint`` keeps one rank's copy of a plain tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (FSDP2/HSDP parameter, gradient or state)."""
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds: ``t.to_local()`` for a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole (global) value of ``t`` as a plain tensor: gathered for a DTensor, ``t`` itself otherwise."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_slice(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The view of ``whole`` (a global-shape plain tensor) that corresponds to ``like``'s local shard."""
+    if not isinstance(like, DTensor):
+        return whole
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    view = whole
+    for dim, (size, start) in enumerate(zip(shape, offset, strict=True)):
+        if size != whole.shape[dim]:
+            view = view.narrow(dim, start, size)
+    return view
+
+
+def local_rows(like: torch.Tensor) -> tuple[int, int]:
+    """``(start, stop)``: the global indices along dim 0 of the rows that this rank holds of ``like``."""
+    if not isinstance(like, DTensor):
+        return 0, like.shape[0]
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return offset[0], offset[0] + shape[0]
+
+
+def shard_groups(like: torch.Tensor) -> list[dist.ProcessGroup]:
+    """The process groups of the mesh dims over which ``like`` is sharded (none for a plain tensor)."""
+    if not isinstance(like, DTensor):
+        return []
+    mesh = like.device_mesh
+    return [mesh.get_group(d) for d, p in enumerate(like.placements) if isinstance(p, Shard) and mesh.size(d) > 1]
+
+
+def all_reduce_sum_(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum the partial values in ``buffer`` over the ranks that hold the other shards of ``like``, in place.
+
+    ``like`` is any parameter of the group the partials come from (all share a mesh and placements); with a
+    plain ``like`` (one process, DDP) nothing is communicated. Returns ``buffer``.
+    """
+    for group in shard_groups(like):
+        dist.all_reduce(buffer, group=group)
+    return buffer
+
+
+def add_local_(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], alpha: float = 1.0) -> None:
+    """``params[i] += alpha * updates[i]`` where every update is a global-shape tensor: each rank adds the rows
+    of its own shard (the whole update for a plain parameter). One foreach call."""
+    if not params:
+        return
+    torch._foreach_add_(
+        [local(p) for p in params], [local_slice(u, p) for u, p in zip(updates, params, strict=True)], alpha=alpha
+    )
+

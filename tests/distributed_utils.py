@@ -1,0 +1,146 @@
+"""Multi-process helpers for the ``distributed`` tests: spawn gloo ranks on CPU, shard parameters with FSDP2.
+
+:func:`spawn` runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined in one gloo
+process group and raises if any of them fails (with that rank's traceback). :func:`optimizer_parity` is the
+eopt oracle check: every rank runs the optimizer on FSDP2/HSDP shards *and* the same optimizer in plain
+one-process form on the full tensors, feeding both the same full gradients, and compares its shard with the
+corresponding rows of the one-process result (the one-process run needs no communication, so each rank
+holds its own oracle).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import eopt
+from eopt.distributed import local, local_slice
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, errors: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args: Any) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; raise with the first failure's traceback.
+
+    ``fn`` must be importable (a module-level function of a test module).
+    """
+    with tempfile.TemporaryDirectory() as errors:
+        try:
+            mp.start_processes(
+                _worker, args=(world_size, _free_port(), errors, fn, args), nprocs=world_size, start_method="spawn"
+            )
+        except Exception as e:
+            reports = sorted(Path(errors).glob("rank*.txt"))
+            if reports:
+                raise AssertionError(f"{reports[0].stem} failed:\n{reports[0].read_text()}") from None
+            raise AssertionError(f"a rank failed: {e}") from None
+
+
+def mesh_for(kind: str, world_size: int):
+    """The CPU device mesh of ``kind``: ``fsdp`` (1-D shard mesh) or ``hsdp`` (2 replicas x the rest)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if kind == "fsdp":
+        return init_device_mesh("cpu", (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+
+
+class Tensors(nn.Module):
+    """A module that just holds named parameters of given shapes (``.`` in names becomes ``__``)."""
+
+    def __init__(self, shapes: dict[str, Sequence[int]], seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        for name, shape in shapes.items():
+            self.register_parameter(name.replace(".", "__"), nn.Parameter(torch.randn(*shape, generator=generator)))
+
+
+def shard(module: nn.Module, kind: str, world_size: int) -> nn.Module:
+    """``fully_shard`` the module on the mesh of ``kind`` (its parameters become ``Shard(0)`` DTensors)."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mesh=mesh_for(kind, world_size))
+    return module
+
+
+def _full_grads(shapes: dict[str, Sequence[int]], step: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
+
+
+def optimizer_parity(
+    rank: int,
+    world_size: int,
+    kind: str,
+    name: str,
+    shapes: dict[str, Sequence[int]],
+    hints: dict[str, dict],
+    hparams: dict,
+    steps: int = 5,
+    rtol: float = 1e-5,
+    between_steps: Callable[[torch.optim.Optimizer, int], None] | None = None,
+) -> None:
+    """``eopt.build(name)`` on sharded parameters equals the one-process optimizer within ``rtol`` after each step.
+
+    ``shapes``/``hints`` name the parameters (hints as :func:`eopt.build` takes them); the same random full
+    gradient is given to both runs at every step (each rank's shard of it to the sharded run), so only the
+    optimizer's handling of shards can make them differ. ``between_steps(optimizer, step)`` runs after each step
+    on both optimizers (e.g. Sophia's Hessian update, which reads ``.grad``).
+    """
+    reference = Tensors(shapes)
+    sharded = shard(Tensors(shapes), kind, world_size)
+
+    def named(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(n.replace("__", "."), p) for n, p in module.named_parameters()]
+
+    ref_opt = eopt.build(named(reference), name, hints=hints, **hparams)
+    opt = eopt.build(named(sharded), name, hints=hints, **hparams)
+    ref_params, params = dict(named(reference)), dict(named(sharded))
+    for step in range(steps):
+        grads = _full_grads(shapes, step)
+        for key, g in grads.items():
+            ref_params[key].grad = g.clone()
+            p = params[key]
+            p.grad = torch.distributed.tensor.DTensor.from_local(
+                local_slice(g, p).clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            )
+        ref_opt.step()
+        opt.step()
+        if between_steps is not None:
+            between_steps(ref_opt, step)
+            between_steps(opt, step)
+        for key, ref in ref_params.items():
+            got, want = local(params[key]).detach(), local_slice(ref.detach(), params[key])
+            if not want.numel():
+                continue
+            err = ((got - want).abs().max() / ref.detach().abs().max().clamp_min(1e-12)).item()
+            assert err <= rtol, f"{name} {kind} rank {rank} step {step} {key}: relative error {err:.3g} > {rtol}"
+    missing = [key for key, p in params.items() if not opt.state.get(p)]
+    assert not missing, f"{name} {kind} rank {rank}: no optimizer state for {missing} (DCP needs an entry per param)"
