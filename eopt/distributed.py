@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a ``DTensor`` (FSDP2/HSDP parameter, gradient or state)."""
     return isinstance(t, DTensor)
@@ -40,6 +41,16 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole (global) value of ``t`` as a plain tensor: gathered for a DTensor, ``t`` itself otherwise."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gather(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The global tensor whose shards are the ranks' ``part`` s, laid out like ``like`` (a DTensor parameter):
+    an all-gather over the shard groups. For a plain ``like`` it is ``part`` itself."""
+    if not isinstance(like, DTensor):
+        return part
+    return DTensor.from_local(
+        part, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    ).full_tensor()
 
 
 def local_slice(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,4 +100,3 @@ def add_local_(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], 
     torch._foreach_add_(
         [local(p) for p in params], [local_slice(u, p) for u, p in zip(updates, params, strict=True)], alpha=alpha
     )
-
