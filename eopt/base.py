@@ -17,6 +17,11 @@ Per-group hints the recipe may set (eopt never guesses them from parameter names
 
 State is created eagerly when a group is added, so that every rank of a distributed run holds the same
 state keys from the start (lazily created state breaks ``torch.distributed.checkpoint``).
+
+Distributed state layout (DDP, FSDP2, HSDP; see :mod:`eopt.distributed`): every rank keeps a state entry for
+every parameter, and each state tensor is either sharded like its parameter (a ``DTensor``) or holds the same
+value on every rank. A plain tensor whose value differs between ranks is never held under one key:
+``torch.distributed.checkpoint`` would silently keep one rank's copy.
 """
 
 from __future__ import annotations
@@ -90,6 +95,12 @@ class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _step_group(self, group: dict) -> None:
         """Update the parameters of one of this algorithm's groups that have a gradient."""
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Scalars worth logging next to the loss (e.g. Sophia's win rate, eigendecomposition failures), as 0-d
+        tensors named without a prefix; the same value on every rank (reduced over shards where needed), so
+        every rank must call it at the same steps. Reading them is the caller's host sync, not the step's."""
+        return {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict`` that restores every state tensor in its saved dtype.
