@@ -19,6 +19,11 @@ here works on a *batch*: a leading dim ``B`` that stacks same-shape tensors, so 
   keeps ordinary per-parameter entries for ``state_dict`` and distributed checkpointing.
 - :class:`KroneckerOptimizer`: the optimizer base both build on (eager bucketed state, per-parameter CPU
   step counters, batched state buffers rebuilt after ``load_state_dict``).
+
+On FSDP2/HSDP shards (``DTensor`` parameters) the matrix work is *replicated*: :func:`stacked_grads`
+all-gathers the full gradients, every rank runs the same batched kernels on the same full, plain state
+buffers (so every state tensor, step counter and failure count holds the same value on every rank), and
+the update functions add only the rows each rank holds (:func:`eopt.distributed.add_local_`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from eopt.base import Optimizer, ParamGroups, group_by_shape
+from eopt.distributed import full
 from eopt.symmetric import symmetric_matmul_, symmetric_panels
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -376,6 +382,19 @@ class KroneckerOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._buckets = {}
 
+    def _state_total(self, key: str) -> torch.Tensor:
+        """The sum of the 0-d state ``key`` over this algorithm's parameters that hold it (0 if none does).
+
+        The state is replicated on sharded runs, so the sum is the same on every rank without a collective."""
+        values = [
+            self.state[p][key]
+            for group in self.param_groups
+            if group["algorithm"] == self.algorithm
+            for p in group["params"]
+            if key in self.state[p]
+        ]
+        return torch.stack(values).sum() if values else torch.zeros(())
+
 
 def gather_bucket(bucket: StateBuckets, sel: list[int]) -> tuple[dict[str, torch.Tensor], bool]:
     """The bucket's buffers restricted to entries ``sel``: the buffers themselves when ``sel`` is all."""
@@ -393,8 +412,9 @@ def scatter_bucket(bucket: StateBuckets, sel: list[int], tensors: dict[str, torc
 
 
 def stacked_grads(bucket: StateBuckets, sel: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """The gradients of entries ``sel`` as one ``(len(sel), *shape)`` tensor in ``dtype``."""
-    return torch.stack([bucket.params[i].grad for i in sel]).to(dtype)
+    """The gradients of entries ``sel`` as one ``(len(sel), *shape)`` tensor in ``dtype``; the full gradients
+    (all-gathered, bitwise the same on every rank) of DTensor parameters."""
+    return torch.stack([full(bucket.params[i].grad) for i in sel]).to(dtype)
 
 
 __all__ = [

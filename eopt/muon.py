@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
 
 from eopt.base import Optimizer, ParamGroups, check, params_with_grad
+from eopt.distributed import add_local_, gather, is_sharded, local
 from eopt.newton_schulz import Coefficients, check_coefficients, newton_schulz
 
 SCALES = ("shape_scaling", "spectral", "unit_rms_norm", "match_rms_adamw")
@@ -39,20 +41,32 @@ def resolve_ns_dtype(ns_dtype: str | torch.dtype | None, device: torch.device) -
     return NS_DTYPES[ns_dtype] if isinstance(ns_dtype, str) else ns_dtype
 
 
+def piece_dims(shape: torch.Size | tuple[int, ...], group: dict) -> list[tuple[int, int]]:
+    """The mathematical ``(out, in)`` of every matrix piece of a parameter of (global) ``shape``, in order.
+
+    The parameter is viewed as ``(shape[0], prod(shape[1:]))``; ``split_qkv`` cuts its output dim (rows, or
+    columns when the group stores (in, out)). Computed from the shape alone, so a DTensor parameter needs no
+    communication to size its state.
+    """
+    rows, cols = shape[0], math.prod(shape[1:])
+    in_out = bool(group.get("in_out"))
+    sizes = list(group["split_qkv"]) if group.get("split_qkv") else [cols if in_out else rows]
+    return [(n, rows) if in_out else (n, cols) for n in sizes]
+
+
 def matrix_pieces(t: torch.Tensor, group: dict) -> list[tuple[torch.Tensor, int, int]]:
-    """Views of ``t`` (a param-shaped tensor) as the matrices Muon orthogonalizes, in storage orientation.
+    """Views of ``t`` (a param-shaped plain tensor) as the matrices Muon orthogonalizes, in storage orientation.
 
     The param is flattened to ``(shape[0], -1)`` and, when the group has ``split_qkv``, split into Q, K, V
     along the output dim (rows, or columns when the group says it is stored (in, out)). Orthogonalization
     commutes with transposition (``NS(M^T) = NS(M)^T``), so pieces are never transposed; only the scale and
-    NorMuon's axis need the mathematical (out, in) shape. Returns ``(view, out, in)`` triples; writing into
-    a view writes into ``t``.
+    NorMuon's axis need the mathematical (out, in) shape (:func:`piece_dims`). Returns ``(view, out, in)``
+    triples; writing into a view writes into ``t``.
     """
     mat = t.reshape(t.shape[0], -1) if t.ndim != 2 else t
-    in_out = bool(group.get("in_out"))
-    out_dim = 1 if in_out else 0
+    out_dim = 1 if group.get("in_out") else 0
     parts = torch.split(mat, list(group["split_qkv"]), dim=out_dim) if group.get("split_qkv") else (mat,)
-    return [(part, *((part.shape[1], part.shape[0]) if in_out else part.shape)) for part in parts]
+    return [(part, o, i) for part, (o, i) in zip(parts, piece_dims(t.shape, group), strict=True)]
 
 
 def orthogonalize(group: dict, X: torch.Tensor) -> torch.Tensor:
@@ -106,6 +120,13 @@ class Muon(Optimizer):
     weight decay and the update are foreach ops over the whole group, the update one ``foreach_add_`` per
     stack straight into the weights.
     ``foreach=False`` selects the single-tensor reference path (one matrix at a time, same arithmetic).
+
+    On FSDP2/HSDP shards (``DTensor`` parameters, ``Shard(0)``) the update is *replicated*: momentum, Nesterov
+    and weight decay run on each rank's rows (``momentum_buffer`` is sharded like its parameter); ``u`` is
+    all-gathered to the full matrix (:func:`eopt.distributed.gather`), and every rank runs the same pieces,
+    stacks (by global shape, in the one-process order), Newton–Schulz and second moment on the full
+    matrices, then adds the rows it holds (:func:`eopt.distributed.add_local_`). NorMuon's and AdaMuon's
+    ``moment2`` are plain full-shape tensors, identical on every rank.
 
     Args:
         params: parameters or param groups.
@@ -206,12 +227,13 @@ class Muon(Optimizer):
         for p in group["params"]:
             state = self.state[p]
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            # The second moments follow the full matrices (plain tensors, the same on every rank of a sharded run).
             if group["second_moment"] == "adamuon":
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["moment2"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["moment2"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
             elif group["second_moment"] == "normuon":
                 # One value per index of each piece's longer dim (rows if square), the pieces' vectors concatenated.
-                length = sum(max(o, i) for _, o, i in matrix_pieces(p, group))
+                length = sum(max(o, i) for o, i in piece_dims(p.shape, group))
                 state["moment2"] = torch.zeros(length, dtype=p.dtype, device=p.device)
 
     def _step_group(self, group: dict) -> None:
@@ -219,38 +241,48 @@ class Muon(Optimizer):
         if not params:
             return
         lr, wd, b = group["lr"], group["weight_decay"], group["momentum"]
-        grads = [p.grad for p in params]
+        sharded = is_sharded(params[0])
+        weights, grads = params, [p.grad for p in params]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
+        if sharded:
+            # Momentum, Nesterov and decay are elementwise: each rank updates the rows it holds.
+            weights, grads, bufs = ([local(t) for t in ts] for ts in (weights, grads, bufs))
         torch._foreach_lerp_(bufs, grads, 1.0 - b)
         inputs = torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs
         if group["second_moment"] == "adamuon":
             torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
         if wd != 0.0:
             # Decoupled decay touches only the weights, so it can precede the update computed from u.
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_mul_(weights, 1.0 - lr * wd)
+        targets = params
+        if sharded:
+            # Newton–Schulz needs whole matrices: every rank gathers each u and computes the same full update.
+            inputs = [gather(u, p) for u, p in zip(inputs, params, strict=True)]
+            targets = [torch.zeros_like(u) for u in inputs]
         if group["foreach"] is False:
-            self._update_single(group, params, inputs)
+            self._update_single(group, params, inputs, targets)
         else:
-            self._update_batched(group, params, inputs)
+            self._update_batched(group, params, inputs, targets)
+        if sharded:
+            add_local_(params, targets)
 
-    def _update_single(self, group: dict, params: list, inputs: list) -> None:
-        """Reference path: one matrix piece at a time."""
-        for p, u in zip(params, inputs, strict=True):
+    def _update_single(self, group: dict, params: list, inputs: list, targets: list) -> None:
+        """Reference path: one matrix piece at a time; adds each piece's update of ``inputs[j]`` into
+        ``targets[j]`` (the weights, or full-shape buffers on shards)."""
+        for p, u, target in zip(params, inputs, targets, strict=True):
             for idx, ((src, o, i), (dst, _, _)) in enumerate(
-                zip(matrix_pieces(u, group), matrix_pieces(p, group), strict=True)
+                zip(matrix_pieces(u, group), matrix_pieces(target, group), strict=True)
             ):
                 ortho = orthogonalize(group, src.unsqueeze(0))
                 ortho = self._second_moment(group, [self._moment_view(p, group, idx)], [p], ortho, o, i)
-                dst.add_(
-                    ortho[0], alpha=-group["lr"] * group["extra_scale_factor"] * scale_factor(group["scale"], o, i)
-                )
+                dst.add_(ortho[0], alpha=step_size(group, o, i))
 
-    def _update_batched(self, group: dict, params: list, inputs: list) -> None:
-        """Fast path: one batched Newton–Schulz per stack of same-shape pieces, foreach updates."""
+    def _update_batched(self, group: dict, params: list, inputs: list, targets: list) -> None:
+        """Fast path: one batched Newton–Schulz per stack of same-shape pieces, foreach updates into ``targets``."""
         stacks: dict[tuple, list] = defaultdict(list)
-        for p, u in zip(params, inputs, strict=True):
+        for p, u, target in zip(params, inputs, targets, strict=True):
             for idx, ((src, o, i), (dst, _, _)) in enumerate(
-                zip(matrix_pieces(u, group), matrix_pieces(p, group), strict=True)
+                zip(matrix_pieces(u, group), matrix_pieces(target, group), strict=True)
             ):
                 # Same storage shape within a group means the same (out, in), hence one scale per stack.
                 stacks[(tuple(src.shape), src.dtype, src.device)].append((p, idx, src, dst, o, i))
@@ -271,9 +303,9 @@ class Muon(Optimizer):
         state = self.state[p]
         if kind == "adamuon":
             return matrix_pieces(state["moment2"], group)[idx][0]
-        pieces = matrix_pieces(p, group)
-        start = sum(max(o, i) for _, o, i in pieces[:idx])
-        _, o, i = pieces[idx]
+        dims = piece_dims(p.shape, group)
+        start = sum(max(o, i) for o, i in dims[:idx])
+        o, i = dims[idx]
         flat = state["moment2"][start : start + max(o, i)]
         return flat.view(-1, 1) if normuon_axis(o, i, bool(group.get("in_out"))) == -1 else flat.view(1, -1)
 

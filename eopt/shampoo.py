@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from eopt.base import ParamGroups, check
+from eopt.distributed import add_local_, local
 from eopt.kronecker import (
     KroneckerOptimizer,
     StateBuckets,
@@ -49,8 +50,12 @@ class Shampoo(KroneckerOptimizer):
 
     ``start_preconditioning_step=-1`` means ``precondition_frequency``. Root inverses clamp eigenvalues at
     ``epsilon``; an eigh failure retries in float64, then keeps the previous root inverse and counts the event
-    in ``state[p]["root_failures"]``. Same-size factors (across blocks and same-shape parameters) are updated
-    and eigendecomposed in one batched call.
+    in ``state[p]["root_failures"]`` (their sum is :meth:`metrics`' ``shampoo_root_failures``). Same-size
+    factors (across blocks and same-shape parameters) are updated and eigendecomposed in one batched call.
+
+    On FSDP2/HSDP shards every rank gathers the full gradients (a block may straddle shards) and runs the
+    whole update on full, replicated state, then decays its own rows and adds its rows of the update (see
+    :mod:`eopt.kronecker`).
     """
 
     algorithm = "shampoo"
@@ -140,6 +145,10 @@ class Shampoo(KroneckerOptimizer):
 
     # -------------------------------------------------------------------------------------- step
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """``shampoo_root_failures``: root-inverse computations that failed in float64 too, summed over parameters."""
+        return {"shampoo_root_failures": self._state_total("root_failures")}
+
     def _step_bucket(self, group: dict, bucket: StateBuckets, sel: list[int], calls: int) -> None:
         p0 = bucket.params[0]
         with matmul_precision(p0.device, group["matmul_precision"]):
@@ -198,8 +207,9 @@ def shampoo_update(
 ) -> None:
     """One Shampoo step for a batch of same-shape parameters (see :class:`Shampoo`).
 
-    ``grads``: ``(B, *shape)``; ``state``: batched state tensors, updated in place; ``calls``: steps taken
-    before; ``classes``: :meth:`Shampoo.block_classes` of the shape.
+    ``grads``: ``(B, *shape)`` full gradients; ``state``: batched state tensors, updated in place; ``calls``:
+    steps taken before; ``classes``: :meth:`Shampoo.block_classes` of the shape. The update is applied to the
+    rows each parameter holds (all of them for a plain tensor, its shard for a DTensor).
     """
     t = calls + 1
     beta1, beta2 = group["betas"]
@@ -256,5 +266,5 @@ def shampoo_update(
 
     lr, wd = group["lr"], group["weight_decay"]
     if wd != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * wd)
-    torch._foreach_add_(params, list(direction.to(params[0].dtype).unbind(0)), alpha=-lr)
+        torch._foreach_mul_([local(p) for p in params], 1.0 - lr * wd)
+    add_local_(params, list(direction.to(params[0].dtype).unbind(0)), alpha=-lr)

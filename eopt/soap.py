@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from eopt.base import ParamGroups, check
+from eopt.distributed import add_local_, local
 from eopt.kronecker import (
     KroneckerOptimizer,
     StateBuckets,
@@ -75,7 +76,10 @@ class SOAP(KroneckerOptimizer):
     ``normalize_grads`` is the authors' option: ``U / RMS(U)`` before the bias-corrected step size.
     Same-shape parameters of a group are updated together: one batched GEMM per rotation and factor, one
     batched QR / eigh per refresh. An eigh failure retries in float64, then keeps the previous basis and
-    counts the event in ``state[p]["basis_failures"]``.
+    counts the event in ``state[p]["basis_failures"]`` (their sum is :meth:`metrics`' ``soap_basis_failures``).
+
+    On FSDP2/HSDP shards every rank gathers the full gradients and runs the whole update on full, replicated
+    state, then adds its own rows of the update and decays them (see :mod:`eopt.kronecker`).
     """
 
     algorithm = "soap"
@@ -184,6 +188,10 @@ class SOAP(KroneckerOptimizer):
 
     # -------------------------------------------------------------------------------------- step
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """``soap_basis_failures``: eigenbasis computations that failed in float64 too, summed over parameters."""
+        return {"soap_basis_failures": self._state_total("basis_failures")}
+
     def _step_bucket(self, group: dict, bucket: StateBuckets, sel: list[int], calls: int) -> None:
         p0 = bucket.params[0]
         with matmul_precision(p0.device, group["matmul_precision"]):
@@ -272,9 +280,10 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 def soap_update(group: dict, params: list[torch.Tensor], grads: torch.Tensor, state: dict, calls: int) -> None:
     """One SOAP step for a batch of same-shape parameters (see :class:`SOAP`).
 
-    ``grads``: ``(B, *shape)``; ``state``: batched state tensors (``exp_avg``, ``exp_avg_sq``,
+    ``grads``: ``(B, *shape)`` full gradients; ``state``: batched state tensors (``exp_avg``, ``exp_avg_sq``,
     ``factor_d``/``basis_d``, ``basis_failures``), updated in place; ``calls``: how many times these
-    parameters were stepped before. Works for a batch of one too (the single-tensor path).
+    parameters were stepped before. Works for a batch of one too (the single-tensor path). The update is
+    added to the rows each parameter holds (all of them for a plain tensor, its shard for a DTensor).
     """
     work, dims = SOAP.layout(group, tuple(params[0].shape))
     g = grads.reshape(-1, *work)
@@ -334,9 +343,9 @@ def soap_update(group: dict, params: list[torch.Tensor], grads: torch.Tensor, st
             update = update * (group["max_update_rms"] / (_rms(update) + 1e-7)).clamp(max=1.0)
 
     updates = list(update.reshape(grads.shape).to(params[0].dtype).unbind(0))
-    torch._foreach_add_(params, updates, alpha=-step_size)
+    add_local_(params, updates, alpha=-step_size)
     if group["weight_decay"] != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        torch._foreach_mul_([local(p) for p in params], 1.0 - lr * group["weight_decay"])
 
     if not before:
         _update_factors(group, state, g, dims, n)
