@@ -19,8 +19,13 @@ and every ``hessian_interval`` steps the training loop refreshes the diagonal He
   ``max(gamma * h, eps)``: Hutchinson estimates can be negative, and a non-positive curvature gives a
   sign step).
 
-While ``h = 0`` the update is ``lr * sign(m)``. :attr:`Sophia.win_rate` is the fraction of coordinates of
-the last step whose ratio was not clipped (healthy runs: 0.1 to 0.5).
+While ``h = 0`` the update is ``lr * sign(m)``. ``Sophia.metrics()["sophia_win_rate"]`` is the fraction of
+coordinates of the last step whose ratio was not clipped (healthy runs: 0.1 to 0.5).
+
+On FSDP2/HSDP shards (``DTensor`` parameters) every op is elementwise, so each rank runs the same kernels on
+the rows it holds (:func:`eopt.distributed.local`): ``exp_avg`` and ``hessian`` are sharded like their
+parameter and ``step`` is the same on every rank. The win rate counts the unclipped coordinates of each
+rank's rows and sums the counts and sizes over the shard groups in one all-reduce.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch import Tensor
 
 from eopt.base import Optimizer, ParamGroups, check, params_with_grad, use_foreach
+from eopt.distributed import all_reduce_sum_, is_sharded, local
 
 ESTIMATORS = ("gnb", "hutchinson")
 _TINY = 1e-15  # the authors' guard against h = 0
@@ -195,15 +201,16 @@ class Sophia(Optimizer):
         finally:
             self._bs_override = None
 
-    @property
-    def win_rate(self) -> Tensor | None:
-        """Fraction of the last step's coordinates whose ratio ``|m| / D`` was below 1 (not clipped), a 0-d tensor.
+    def metrics(self) -> dict[str, Tensor]:
+        """``{"sophia_win_rate": w}``: the fraction of the last step's coordinates whose ratio ``|m| / D`` was
+        below 1 (not clipped), a 0-d tensor; empty before a step.
 
-        Computed on first access (and before :meth:`update_hessian` changes ``h``) from the state the step
-        left, with the step's own arithmetic, so :meth:`step` pays nothing for it. ``None`` before a step.
+        Computed on first call (or by :meth:`update_hessian`, before it changes ``h``) from the state the step
+        left, with the step's own arithmetic, so :meth:`step` pays nothing for it. On shards it is one
+        all-reduce, so every rank must call it at the same steps.
         """
         self._settle_win_rate()
-        return self._win_rate
+        return {} if self._win_rate is None else {"sophia_win_rate": self._win_rate}
 
     def _settle_win_rate(self) -> None:
         if self._win_rate is None and self._stepped:
@@ -212,16 +219,31 @@ class Sophia(Optimizer):
     @torch.no_grad()
     def _unclipped_fraction(self) -> Tensor:
         params = [p for _, _, ps in self._stepped for p in ps]
-        scratch = torch.empty(max(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        unclipped = torch.zeros((), dtype=torch.int64, device=params[0].device)
+        device = params[0].device
+        scratch = torch.empty(max(local(p).numel() for p in params), dtype=params[0].dtype, device=device)
+        # Plain parameters are whole on every rank (one process, DDP); the rows of sharded ones are counted
+        # apart and summed over the shard groups, so nothing is counted twice.
+        unclipped = torch.zeros((), dtype=torch.int64, device=device)
+        numel = 0
+        shard_unclipped = torch.zeros((), dtype=torch.int64, device=device)
+        shard_numel, like = 0, None
         for group, bs, ps in self._stepped:
             for p in ps:
                 state = self.state[p]
-                h = state["hessian"]
+                h = local(state["hessian"])
                 ratio = _denominator(h, group["rho"], bs, group["estimator"], out=scratch[: h.numel()].view_as(h))
-                torch.div(state["exp_avg"], ratio, out=ratio)
-                unclipped += torch.count_nonzero(ratio.abs_() < 1)
-        return unclipped / sum(p.numel() for p in params)
+                torch.div(local(state["exp_avg"]), ratio, out=ratio)
+                if is_sharded(p):
+                    shard_unclipped += torch.count_nonzero(ratio.abs_() < 1)
+                    shard_numel, like = shard_numel + h.numel(), p
+                else:
+                    unclipped += torch.count_nonzero(ratio.abs_() < 1)
+                    numel += h.numel()
+        if like is None:
+            return unclipped / numel
+        counts = torch.stack([shard_unclipped, torch.tensor(shard_numel, device=device)])
+        all_reduce_sum_(counts, like)  # one collective for count and size
+        return (unclipped + counts[0]) / (numel + counts[1])
 
     def _step_group(self, group: dict) -> None:
         params = params_with_grad(group)
@@ -231,11 +253,16 @@ class Sophia(Optimizer):
         fn = _multi_tensor_sophia if use_foreach(group, params) else _single_tensor_sophia
         bs = group["bs"] if self._bs_override is None else self._bs_override
         self._stepped.append((group, bs, params))
+        weights, grads = params, [p.grad for p in params]
+        exp_avgs, hessians = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
+        if is_sharded(params[0]):
+            # Elementwise: each rank updates the rows it holds, with the one-process kernels.
+            weights, grads, exp_avgs, hessians = ([local(t) for t in ts] for ts in (weights, grads, exp_avgs, hessians))
         fn(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["hessian"] for s in states],
+            weights,
+            grads,
+            exp_avgs,
+            hessians,
             [s["step"] for s in states],
             lr=group["lr"],
             beta1=group["betas"][0],
@@ -256,8 +283,8 @@ class Sophia(Optimizer):
             if not params:
                 continue
             beta2 = group["betas"][1]
-            hessians = [self.state[p]["hessian"] for p in params]
-            grads = [p.grad for p in params]
+            hessians = [local(self.state[p]["hessian"]) for p in params]
+            grads = [local(p.grad) for p in params]
             if group["estimator"] == "gnb":
                 torch._foreach_mul_(hessians, beta2)
                 torch._foreach_addcmul_(hessians, grads, grads, value=1 - beta2)

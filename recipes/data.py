@@ -247,14 +247,27 @@ class TrainBatches:
         inputs, targets = self._samples(_TRAIN_STREAM, step * self.batch_size + self.rank * per_rank, per_rank)
         return list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size), strict=True))
 
-    def fresh_micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch per rank from an independent seeded stream over the train windows.
+    def fresh_rows(self) -> range:
+        """The positions ``0 .. micro_batch_size - 1`` of a fresh global micro-batch that this rank holds: the
+        ``r``-th contiguous block of ``micro_batch_size / R``."""
+        if self.micro_batch_size % self.world_size:
+            raise ConfigError(
+                f"train.micro_batch_size={self.micro_batch_size} is not divisible by {self.world_size} ranks, so "
+                f"the fresh micro-batch cannot be split evenly; make it a multiple of {self.world_size}"
+            )
+        share = self.micro_batch_size // self.world_size
+        return range(self.rank * share, (self.rank + 1) * share)
 
-        For estimators that need a batch the step's gradient did not see (Sophia's Hessian estimate): it
-        never shifts the training order, and is also a pure function of ``(seed, step)``, disjoint across ranks.
+    def fresh_micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of one global micro-batch from an independent seeded stream over the train windows.
+
+        For estimators that need a batch the step's gradient did not see (Sophia's Hessian estimate): it never
+        shifts the training order. The global micro-batch of ``step`` is samples ``step * micro_batch_size ..
+        (step + 1) * micro_batch_size - 1`` of that stream, a pure function of ``(seed, step, micro_batch_size)``
+        whatever the number of ranks; rank ``r`` takes the rows :meth:`fresh_rows`.
         """
-        mbs = self.micro_batch_size
-        return self._samples(_FRESH_STREAM, (step * self.world_size + self.rank) * mbs, mbs)
+        rows = self.fresh_rows()
+        return self._samples(_FRESH_STREAM, step * self.micro_batch_size + rows.start, len(rows))
 
 
 def val_batches(

@@ -13,26 +13,58 @@ counts in train time) but its tokens are not training tokens.
 
 The model is any ``nn.Module`` whose forward takes ``input_ids`` and returns an object with ``.logits``
 of shape (batch, seq, vocab) (Hugging Face causal LMs do). Call inside the training step's autocast
-context. Both functions leave every ``.grad`` at ``None``.
+context. Both functions leave every ``.grad`` at ``None``. The trainer calls :func:`hessian_hook`'s hook after
+every optimizer step, and :func:`check_hessian_config` at start-up.
+
+Distributed runs (DDP, FSDP2, HSDP) estimate exactly what one process does. The Hessian batch of step ``s`` is
+one global micro-batch (``train.micro_batch_size`` sequences of the fresh stream,
+:meth:`recipes.data.TrainBatches.fresh_micro_batch`) split evenly over the ranks, and GNB draws the labels of
+each sequence from its own generator, seeded by ``(seed, s, position of the sequence in the global batch)``,
+so that R ranks draw what one process draws. Each rank's loss is the mean over its equal share, so the
+data-parallel mean of the ranks' gradients (DDP's all-reduce, FSDP2's reduce-scatter and HSDP's all-reduce) is
+``g_hat`` of the mean loss over the global batch, clipped by its global norm. Hutchinson draws the probe ``u``
+from one generator seeded by ``(seed, s)``, the same on every rank, and averages ``u * (H_r u)`` over the
+ranks, which is ``u * (H u)`` of the global mean loss; its double backward does not run through FSDP2, so it
+is refused on sharded runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import eopt
+from eopt.distributed import is_sharded
+from recipes.config import Config
+from recipes.data import TrainBatches
+from recipes.errors import ConfigError
+
+SHARDED_PARALLELISMS = ("fsdp", "hsdp")
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def _sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``Categorical(logits=logits).sample()``; with a generator, the same draw from that generator."""
+def _sample_labels(logits: Tensor, generator: Generators) -> Tensor:
+    """``Categorical(logits=logits).sample()``; with a generator, the same draw from that generator; with one
+    generator per sequence (dim 0 of ``logits``), each sequence's draw from its own, so that the labels of a
+    sequence do not depend on the batch it is in."""
     logits = logits.detach().float()
     if generator is None:
         return torch.distributions.Categorical(logits=logits).sample()
+    if isinstance(generator, torch.Generator):
+        return _multinomial(logits, generator)
+    return torch.stack([_multinomial(row, g) for row, g in zip(logits, generator, strict=True)])
+
+
+def _multinomial(logits: Tensor, generator: torch.Generator) -> Tensor:
     probs = torch.distributions.Categorical(logits=logits).probs.flatten(0, -2)
     if probs.device != generator.device:
         probs = probs.to(generator.device)
@@ -50,13 +82,14 @@ def gnb_hessian_update(
     optimizer: torch.optim.Optimizer,
     input_ids: Tensor,
     grad_clip: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> None:
     """One Gauss-Newton-Bartlett estimate on ``input_ids`` (one micro-batch), folded into ``optimizer``.
 
-    Forward, labels sampled from the model's own logits, mean cross-entropy backward, gradient-norm clip
-    to ``grad_clip`` (as training), ``optimizer.update_hessian()``. Under DDP the backward averages
-    ``g_hat`` across ranks, as in the authors' loop.
+    Forward, labels sampled from the model's own logits (from ``generator``: one, or one per sequence),
+    mean cross-entropy backward, gradient-norm clip to ``grad_clip`` (as training),
+    ``optimizer.update_hessian()``. Under DDP and FSDP2 the backward averages ``g_hat`` across ranks, as in
+    the authors' loop, and the clip uses the global norm.
     """
     optimizer.zero_grad(set_to_none=True)
     logits = model(input_ids=input_ids).logits
@@ -84,7 +117,7 @@ def hutchinson_hessian_update(
     parameters only: sharded DTensor parameters are not supported).
     """
     params = [p for p in sophia_params(optimizer) if p.requires_grad]
-    if any(hasattr(p, "to_local") for p in params):
+    if any(is_sharded(p) for p in params):
         raise RuntimeError(
             "Sophia's Hutchinson estimator does not support sharded (FSDP) parameters: use estimator=gnb"
         )
@@ -128,6 +161,17 @@ def _gaussian_like(p: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(p.shape, generator=generator, device=device, dtype=p.dtype).to(p.device)
 
 
+def _estimator(optimizer: torch.optim.Optimizer) -> str:
+    """The one estimator (``"gnb"`` or ``"hutchinson"``) that the optimizer's own groups name."""
+    algorithm = getattr(optimizer, "algorithm", None)
+    estimators = {
+        g["estimator"] for g in optimizer.param_groups if g.get("algorithm") == algorithm and "estimator" in g
+    }
+    if len(estimators) != 1:
+        raise ValueError(f"expected one Sophia estimator across the optimizer's groups, got {sorted(estimators)}")
+    return estimators.pop()
+
+
 def hessian_update(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -135,20 +179,83 @@ def hessian_update(
     labels: Tensor | None = None,
     *,
     grad_clip: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> None:
-    """The estimator the optimizer's groups name (``estimator="gnb"`` or ``"hutchinson"``): one trainer call.
+    """The estimator the optimizer's groups name (``estimator="gnb"`` or ``"hutchinson"``): one estimate.
 
     ``input_ids``/``labels``: one fresh micro-batch (the trainer's inputs and targets); ``grad_clip``: the
-    training clip (GNB only).
+    training clip (GNB only); ``generator``: GNB's label sampler (one, or one per sequence), Hutchinson's
+    probe sampler (one).
     """
-    algorithm = getattr(optimizer, "algorithm", None)
-    estimators = {
-        g["estimator"] for g in optimizer.param_groups if g.get("algorithm") == algorithm and "estimator" in g
-    }
-    if len(estimators) != 1:
-        raise ValueError(f"expected one Sophia estimator across the optimizer's groups, got {sorted(estimators)}")
-    if estimators.pop() == "gnb":
+    if _estimator(optimizer) == "gnb":
         gnb_hessian_update(model, optimizer, input_ids, grad_clip=grad_clip, generator=generator)
     else:
         hutchinson_hessian_update(model, optimizer, input_ids, labels, generator=generator)
+
+
+def _sequence_seed(seed: int, step: int, position: int) -> int:
+    """The seed of the labels of sequence ``position`` of step ``step``'s global Hessian batch."""
+    return int(np.random.SeedSequence([seed % 2**64, step, position]).generate_state(1, np.uint64)[0])
+
+
+def hessian_hook(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: TrainBatches,
+    cfg: Config,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> Callable[[int], None] | None:
+    """The trainer's Hessian refresh: ``hook(step)``, called on every rank after optimizer step ``step``
+    (0-based), or ``None`` when the optimizer has no ``update_hessian``.
+
+    The hook estimates when ``step % k == k - 1`` with ``k = optimizer.hessian_interval`` (the config's
+    ``optimizer.hessian_interval``), as the authors' loop does after its step. It runs the optimizer's estimator
+    on this rank's rows of ``batches.fresh_micro_batch(step)`` (moved to ``device``), inside autocast to
+    ``amp_dtype`` (``None``: fp32), clipped like training to ``cfg.train.grad_clip``, with GNB's labels drawn
+    per sequence from ``(cfg.seed, step, position)`` and Hutchinson's probes from ``(cfg.seed, step)``: a resumed
+    run draws what an uninterrupted one does, and R ranks what one process does (see the module docstring).
+    """
+    if not hasattr(optimizer, "update_hessian"):
+        return None
+    interval = optimizer.hessian_interval
+    estimator = _estimator(optimizer)
+    rows = batches.fresh_rows()
+
+    def refresh(step: int) -> None:
+        if step % interval != interval - 1:
+            return
+        inputs, targets = (x.to(device) for x in batches.fresh_micro_batch(step))
+        if estimator == "gnb":
+            generator = [torch.Generator(device).manual_seed(_sequence_seed(cfg.seed, step, i)) for i in rows]
+        else:
+            generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+        with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            hessian_update(model, optimizer, inputs, targets, grad_clip=cfg.train.grad_clip, generator=generator)
+
+    return refresh
+
+
+def check_hessian_config(cfg: Config, world_size: int) -> None:
+    """Start-up checks of an optimizer with a Hessian estimate on ``world_size`` ranks (nothing for others).
+
+    The global Hessian batch of ``train.micro_batch_size`` sequences must split evenly over the ranks, and
+    the Hutchinson estimator's double backward cannot run through FSDP2's sharded parameters.
+    """
+    name = cfg.optimizer.get("name")
+    entry = eopt.OPTIMIZERS.get(name)
+    if entry is None or not hasattr(entry.cls, "update_hessian"):
+        return
+    estimator = cfg.optimizer.get("estimator", entry.defaults.get("estimator"))
+    if estimator == "hutchinson" and cfg.parallelism.name in SHARDED_PARALLELISMS:
+        raise ConfigError(
+            f"optimizer.estimator=hutchinson cannot run with parallelism={cfg.parallelism.name}: its double "
+            "backward does not go through FSDP2's sharded parameters; use optimizer.estimator=gnb or parallelism=ddp"
+        )
+    mbs = cfg.train.micro_batch_size
+    if mbs % world_size:
+        raise ConfigError(
+            f"train.micro_batch_size={mbs} is not divisible by {world_size} ranks: {name}'s Hessian estimate "
+            f"splits one micro-batch of train.micro_batch_size sequences over the ranks; make it a multiple of "
+            f"{world_size}"
+        )

@@ -209,8 +209,12 @@ def test_fresh_micro_batches_are_an_independent_stream(positional):
         TrainBatches(positional, seq_len=L, batch_size=4, micro_batch_size=2, rank=r, world_size=2, seed=5)
         for r in range(2)
     ]
+    # The ranks split the one-process micro-batch of the same step: the global one does not grow with ranks.
     both = _starts([ranks[0].fresh_micro_batch(3)]) + _starts([ranks[1].fresh_micro_batch(3)])
-    assert len(set(both)) == 4
+    assert both == fresh[3] and len(set(both)) == 2
+    odd = TrainBatches(positional, seq_len=L, batch_size=4, micro_batch_size=1, rank=1, world_size=2, seed=5)
+    with pytest.raises(ConfigError, match="micro_batch_size=1 is not divisible by 2 ranks"):
+        odd.fresh_micro_batch(0)
 
 
 def test_loader_config_errors(positional, make_dataset):

@@ -43,7 +43,7 @@ def test_matches_sophiag_with_interleaved_hessian_updates(foreach: bool) -> None
         _set(ref, grads)
         opt.step(bs=bs) if foreach else opt.step()
         oracle.step(bs=bs)
-        win_rates.append(float(opt.win_rate))
+        win_rates.append(float(opt.metrics()["sophia_win_rate"]))
         if step % 3 == 0:  # the estimator's gradient on a fresh batch, after the step
             h_grads = _grads(ours, gen)
             _set(ours, h_grads)
@@ -59,6 +59,7 @@ def test_matches_sophiag_with_interleaved_hessian_updates(foreach: bool) -> None
 def test_win_rate_is_the_unclipped_fraction() -> None:
     p = torch.nn.Parameter(torch.zeros(4))
     opt = Sophia([p], lr=1.0, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, bs=1)
+    assert opt.metrics() == {}  # no step yet
     p.grad = torch.tensor([1.0, 1.0, 1.0, 1.0])
     opt.update_hessian()  # h = g^2 = 1
     p.grad = torch.tensor([0.5, -0.25, 2.0, -3.0])  # m = g; |m| / h: 0.5, 0.25, 2, 3
@@ -66,7 +67,7 @@ def test_win_rate_is_the_unclipped_fraction() -> None:
     torch.testing.assert_close(p.detach(), -torch.tensor([0.5, -0.25, 1.0, -1.0]))
     p.grad = torch.full((4,), 100.0)
     opt.update_hessian()  # a new h after the step does not change the step's win rate
-    assert float(opt.win_rate) == 0.5
+    assert float(opt.metrics()["sophia_win_rate"]) == 0.5
 
 
 def test_hutchinson_uses_rho_h_without_bs_and_floors_negative_curvature() -> None:
@@ -129,7 +130,7 @@ def test_zero_gradient_stays_finite_and_bad_args_raise() -> None:
     p.grad = torch.zeros_like(p)
     opt.update_hessian()
     opt.step()
-    assert torch.isfinite(p).all() and float(opt.win_rate) == 1.0
+    assert torch.isfinite(p).all() and float(opt.metrics()["sophia_win_rate"]) == 1.0
     with pytest.raises(ValueError, match="estimator"):
         Sophia([p], estimator="newton")
     with pytest.raises(ValueError, match="bs"):
