@@ -19,8 +19,17 @@ The blocks follow the Hessian's block structure, from the parameter's role (the 
 
 Rows are taken in the mathematical (out, in) orientation: a group with ``in_out=True`` (GPT-2 ``Conv1D``)
 has its blocks along the stored tensor's columns. State: ``m`` per element, ``v`` per block, so about half
-of AdamW's. Under sharding, per-row and per-head blocks stay local to a shard; whole-tensor blocks need an
-all-reduce of ``sum(g^2)``.
+of AdamW's.
+
+On FSDP2/HSDP shards (``DTensor`` parameters cut along dim 0, see :mod:`eopt.distributed`) ``m`` and the
+per-element ``v`` of biases are sharded like the parameter and updated on the local rows. A block can span
+shards: a stored column of an ``in_out`` weight spans all of them, a head of ``q``/``k`` rows may straddle a
+shard boundary, a whole-tensor block is cut by every one. So each rank sums ``g^2`` of its rows into the
+blocks they belong to (zeros for the blocks it holds nothing of), the partial sums of all of a group's
+tensors go into one flat buffer, and one all-reduce over the shard groups makes them the global
+``sum_{i in B} g_i^2`` on every rank. The block ``v`` is then the full block vector, a plain tensor updated
+identically on every rank (so ``torch.distributed.checkpoint`` may keep any rank's copy, and it loads at any
+world size), and each rank scales the rows or columns it holds by their blocks' values.
 
 Standalone use mirrors the authors' ``adam_mini.Adam_mini`` (1.1.1): ``AdamMini(model.named_parameters(),
 dim=..., n_heads=..., n_kv_heads=...)`` assigns roles by their name substrings and reproduces their update.
@@ -35,6 +44,7 @@ import torch
 from torch import Tensor
 
 from eopt.base import Optimizer, ParamGroups, check, params_with_grad, use_foreach
+from eopt.distributed import all_reduce_sum_, is_sharded, local, local_rows
 
 
 class Blocks(NamedTuple):
@@ -109,6 +119,53 @@ def block_layout(group: dict, p: Tensor) -> Layout:
 def n_blocks(layout: Layout, p: Tensor) -> int:
     """Second-moment values ``p`` keeps under ``layout``."""
     return p.numel() if layout is None else sum(blocks for _, _, blocks in layout.segments)
+
+
+class LocalBlocks(NamedTuple):
+    """Where the squared gradients of a sharded parameter's local part go among its blocks.
+
+    ``ids[i]`` is the block of the ``i``-th local row (dim 0 of the stored tensor; every element of a vector
+    is in block 0) or, stored (in, out), of the ``i``-th stored column (each rank holds all of them);
+    ``counts`` is the global number of elements of every block, in block order."""
+
+    ids: Tensor
+    counts: Tensor
+    in_out: bool
+
+
+def local_blocks(layout: Blocks, p: Tensor) -> LocalBlocks:
+    """The :class:`LocalBlocks` of ``p``'s shard on this rank (from the global shape: no communication)."""
+    if layout.in_out:
+        index = torch.arange(p.shape[1], device=p.device)
+    elif p.ndim >= 2:
+        index = torch.arange(*local_rows(p), device=p.device)
+    else:
+        index = torch.zeros(local(p).shape[0], dtype=torch.long, device=p.device)
+    ids = torch.empty_like(index)
+    columns = p.numel() // _rows(p, layout.in_out)
+    counts: list[int] = []
+    for start, stop, blocks in layout.segments:
+        size = (stop - start) // blocks
+        inside = (index >= start) & (index < stop)
+        ids[inside] = (index[inside] - start).div_(size, rounding_mode="floor").add_(len(counts))
+        counts += [size * columns] * blocks
+    return LocalBlocks(ids, torch.tensor(counts, dtype=torch.float32, device=p.device), layout.in_out)
+
+
+def _add_local_sq_sums_(sums: Tensor, g: Tensor, blocks: LocalBlocks) -> None:
+    """``sums[B] += sum of g_i^2`` over the elements ``i`` of block ``B`` in ``g`` (a local gradient shard)."""
+    if blocks.in_out:
+        sq = torch.linalg.vecdot(g, g, dim=0)  # per stored column: the local rows' share of each block
+    else:
+        rows = g.flatten(1) if g.ndim > 1 else g.unsqueeze(1)
+        sq = torch.linalg.vecdot(rows, rows, dim=1)
+    sums.index_add_(0, blocks.ids, sq)
+
+
+def _apply_local_scale(p: Tensor, m: Tensor, scale: Tensor, blocks: LocalBlocks) -> None:
+    """``p += m * scale[block]`` on a local shard, with the full per-block ``scale``."""
+    s = scale[blocks.ids]
+    p.addcmul_(m, s.view(1, -1) if blocks.in_out else s.view(-1, *(1,) * (p.ndim - 1)))
 
 
 def _block_view(t: Tensor, start: int, stop: int, blocks: int, in_out: bool) -> Tensor:
@@ -238,6 +295,53 @@ def _multi_tensor_adam_mini(
         apply_block_scale(p, m, scale, layout)
 
 
+def _sharded_adam_mini(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    blocks: list[LocalBlocks | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """The same step on ``DTensor`` shards (``blocks[i]`` is None for a per-element layout): ``m`` on the local
+    rows, the blocks' partial ``sum(g^2)`` of every tensor in one flat buffer and one all-reduce, then the block
+    ``v`` (a full, plain vector, identical on every rank) and the scaling of the local rows."""
+    numerators, epsilons = _step_scales(steps, lr, beta1, beta2, eps)
+    ps, gs, ms = [local(p) for p in params], [local(g) for g in grads], [local(m) for m in exp_avgs]
+    vs = [local(v) for v in exp_avg_sqs]
+    blocked = [i for i, b in enumerate(blocks) if b is not None]
+    sums = torch.zeros(sum(vs[i].numel() for i in blocked), dtype=vs[0].dtype, device=vs[0].device)
+    partials = dict(zip(blocked, sums.split([vs[i].numel() for i in blocked]), strict=True))
+    for i, (g, m, v) in enumerate(zip(gs, ms, vs, strict=True)):
+        m.lerp_(g, 1 - beta1)
+        if blocks[i] is None:
+            update_block_second_moment(v, g, None, beta2)
+        else:
+            _add_local_sq_sums_(partials[i], g, blocks[i])
+    if blocked:
+        all_reduce_sum_(sums, params[blocked[0]])
+        means = [partials[i] for i in blocked]
+        torch._foreach_div_(means, [blocks[i].counts for i in blocked])
+        torch._foreach_lerp_([vs[i] for i in blocked], means, 1 - beta2)
+    scales = torch._foreach_sqrt(vs)
+    torch._foreach_add_(scales, epsilons)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, numerators)
+    if weight_decay != 0:
+        torch._foreach_mul_(ps, 1 - lr * weight_decay)
+    for p, m, scale, b in zip(ps, ms, scales, blocks, strict=True):
+        if b is None:
+            apply_block_scale(p, m, scale, None)
+        else:
+            _apply_local_scale(p, m, scale, b)
+
+
 def _author_groups(
     named_parameters: Iterable[tuple[str, Tensor]], weight_decay: float, dim: int | None, n_heads: int | None
 ) -> list[dict]:
@@ -321,6 +425,7 @@ class AdamMini(Optimizer):
             params = _author_groups(params, weight_decay, dim, n_heads)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "foreach": foreach}
         self._layouts: dict[Tensor, Layout] = {}  # per parameter, from its group's hints (fixed at add time)
+        self._local_blocks: dict[Tensor, LocalBlocks] = {}  # sharded parameters with blocks: their shard's map
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -335,30 +440,53 @@ class AdamMini(Optimizer):
     def _init_state(self, group: dict) -> None:
         for p in group["params"]:
             layout = self._layouts[p] = block_layout(group, p)
+            sharded = is_sharded(p)
+            if sharded and layout is not None:
+                self._local_blocks[p] = local_blocks(layout, p)
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                shape = p.shape if layout is None else (n_blocks(layout, p),)
-                state["exp_avg_sq"] = p.new_zeros(shape)
+                if layout is None:
+                    state["exp_avg_sq"] = torch.zeros_like(p) if sharded else p.new_zeros(p.shape)
+                else:  # plain on shards too: the full block vector, the same on every rank
+                    state["exp_avg_sq"] = torch.zeros(n_blocks(layout, p), dtype=p.dtype, device=p.device)
 
     def _step_group(self, group: dict) -> None:
         params = params_with_grad(group)
         if not params:
             return
-        states = [self.state[p] for p in params]
-        fn = _multi_tensor_adam_mini if use_foreach(group, params) else _single_tensor_adam_mini
         beta1, beta2 = group["betas"]
-        fn(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            [self._layouts[p] for p in params],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+        hparams = {
+            "lr": group["lr"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+        }
+        plain = [p for p in params if not is_sharded(p)]
+        if plain:
+            states = [self.state[p] for p in plain]
+            fn = _multi_tensor_adam_mini if use_foreach(group, plain) else _single_tensor_adam_mini
+            fn(
+                plain,
+                [p.grad for p in plain],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                [self._layouts[p] for p in plain],
+                **hparams,
+            )
+        if len(plain) < len(params):
+            # Plain tensors are whole on every rank: only the shards' partial sums may be reduced.
+            sharded = [p for p in params if is_sharded(p)]
+            states = [self.state[p] for p in sharded]
+            _sharded_adam_mini(
+                sharded,
+                [p.grad for p in sharded],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                [self._local_blocks.get(p) for p in sharded],
+                **hparams,
+            )
