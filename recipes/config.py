@@ -64,6 +64,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end and on preemption signals
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # write checkpoints in the background (dcp.async_save) while training goes on
     target_val_loss: float | None = None
     compile: bool = False
     dtype: str = "auto"  # auto | fp32 | bf16
@@ -89,7 +90,14 @@ class LoggerConfig:
 
 @dataclass
 class ParallelismConfig:
-    name: str = "single"
+    name: str = "single"  # single | ddp | fsdp | hsdp (see recipes/parallel.py)
+    replicate: int = 1  # hsdp: replica groups (-1 = world / shard)
+    shard: int = -1  # fsdp/hsdp: ranks one parameter is sharded over (-1 = the rest of the world)
+    reshard_after_forward: bool = True  # FSDP2: free the gathered block after its forward (ZeRO-3); False = ZeRO-2
+    mixed_precision: bool = True  # FSDP2 on GPU: bf16 parameters for compute, fp32 gradient reduction
+    cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state on the host
+    matrix_update: str = "replicated"  # Muon/SOAP/Shampoo on shards: every rank updates each gathered matrix
+    timeout_s: int = 600  # collective timeout: a lost rank ends the job after at most this long
 
 
 @dataclass
