@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from recipes.cli import format_user_error, is_user_error
 from recipes.config import Config, register_configs
 from recipes.errors import RecipeError
+from recipes.parallel import world_from_env
 
 register_configs()
 FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -27,14 +28,26 @@ def main(cfg: DictConfig) -> None:
 
     config: Config = OmegaConf.to_object(cfg)
     config.optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    world = world_from_env()
     try:
         summary = train(config, Path(HydraConfig.get().runtime.output_dir))
     except RecipeError as e:
         if FULL_TRACEBACK:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # An error every rank raised together is printed once; one rank's own error by that rank.
+        if world.main or not getattr(e, "all_ranks", False):
+            prefix = "" if world.world_size == 1 or world.main else f"(rank {world.rank}) "
+            print(f"error: {prefix}{e}", file=sys.stderr)
         sys.exit(2)
-    if "final_val_loss" in summary:
+    if not world.main:
+        return
+    if "stopped" in summary:
+        print(
+            f"stopped by signal {summary['stopped']} at step {summary['step']}; checkpoint saved in "
+            f"{summary['checkpoints']}: run the same command again to resume",
+            file=sys.stderr,
+        )
+    elif "final_val_loss" in summary:
         loss, steps = summary["final_val_loss"], summary["steps"]
         print(f"done: val/loss {loss:.4f} after {steps} steps; outputs in {summary['run_dir']}")
     else:

@@ -43,6 +43,8 @@ from eopt.distributed import is_sharded
 from recipes.config import Config
 from recipes.data import TrainBatches
 from recipes.errors import ConfigError
+from recipes.models import autocast
+from recipes.optim import clip_grad_norm_
 
 SHARDED_PARALLELISMS = ("fsdp", "hsdp")
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -95,7 +97,7 @@ def gnb_hessian_update(
     logits = model(input_ids=input_ids).logits
     _lm_loss(logits, _sample_labels(logits, generator)).backward()
     if grad_clip:
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip, foreach=True)
+        clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
     optimizer.update_hessian()
     optimizer.zero_grad(set_to_none=True)
 
@@ -230,7 +232,7 @@ def hessian_hook(
             generator = [torch.Generator(device).manual_seed(_sequence_seed(cfg.seed, step, i)) for i in rows]
         else:
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             hessian_update(model, optimizer, inputs, targets, grad_clip=cfg.train.grad_clip, generator=generator)
 
     return refresh

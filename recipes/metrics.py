@@ -1,4 +1,11 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per line), console progress, ``summary.json``."""
+"""Run outputs: ``metrics.jsonl`` (one JSON object per line), console progress, ``summary.json``.
+
+:class:`MetricsLogger` owns the record: it accumulates the loss and gradient norm of every step on the
+device, decides the log cadence, reduces over ranks at log time (the train loss is the global mean,
+``optim/step_ms`` and ``mem/peak_bytes`` the slowest or largest rank, ``optim/state_bytes`` the largest
+rank and ``optim/state_bytes_total`` the sum) and writes only on rank 0. Every rank calls it at the same
+steps; the other ranks write nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
+from recipes import parallel
 from recipes.config import LoggerConfig
 
 
@@ -35,16 +44,89 @@ class MetricsLogger:
     trained again), so the file always describes one consistent run.
     """
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, total_steps: int, resume_step: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        total_steps: int,
+        resume_step: int = 0,
+        *,
+        log_every: int = 1,
+        main: bool = True,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self.enabled = cfg.jsonl
+        self.main = main
+        self.enabled = cfg.jsonl and main
+        self.log_every = log_every
         if self.enabled:
             self._truncate_after(resume_step)
             self._file = open(self.path, "a")
-        self.interactive = cfg.progress and sys.stderr.isatty()
+        self.interactive = cfg.progress and sys.stderr.isatty() and main
         self._bar = (
             tqdm(total=total_steps, initial=resume_step, unit="step", dynamic_ncols=True) if self.interactive else None
         )
+        self._window: torch.Tensor | None = None  # sums of loss and grad norm since the last train record
+        self._window_steps = 0
+        self._logged_steps = 0
+        self._window_start = (0, 0.0)  # (tokens, train time) at the last train record
+
+    def start(self, tokens: int, train_time: float) -> None:
+        """Begin the first window of train records at ``(tokens, train_time)`` (0, or the resumed step's)."""
+        self._window_start = (tokens, train_time)
+
+    def accumulate(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Add one step's loss and gradient norm (device tensors: no host sync) to the current window."""
+        values = torch.stack([loss.detach(), grad_norm.detach().to(loss)])
+        self._window = values if self._window is None else self._window + values
+        self._window_steps += 1
+
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether a train record is written after ``step``: the cadence, or ``force`` (last step, checkpoint, stop)."""
+        return force or step % self.log_every == 0
+
+    def train_record(self, step: int, tokens: int, train_time: float, **values: Any) -> dict[str, Any]:
+        """The train record of the window ending at ``step``, reduced over ranks (collective), and a new window.
+
+        ``values``: this rank's ``loss`` (last step) and ``grad_norm`` (global already), ``optim_seconds``,
+        ``state_bytes``, ``peak_bytes``, and finished entries (learning rates, optimizer metrics, MFU inputs).
+        """
+        world = parallel.world_size()
+        sums = torch.cat([self._window, values.pop("loss").detach().view(1)]) / world
+        loss_sum, _, last_loss = parallel.all_reduce(sums).tolist()
+        norm_sum = self._window[1].item()  # the norm is global already
+        (total_state,) = parallel.reduced([values["state_bytes"]])
+        optim_seconds, peak, state = parallel.reduced(
+            [values.pop("optim_seconds"), values.pop("peak_bytes"), values.pop("state_bytes")], "max"
+        )
+        elapsed = max(train_time - self._window_start[1], 1e-9)
+        record = {
+            "step": step,
+            "tokens": tokens,
+            "time": train_time,
+            "train/loss": last_loss,
+            "train/loss_avg": loss_sum / self._window_steps,
+            "grad_norm": values.pop("grad_norm").item(),
+            "grad_norm_avg": norm_sum / self._window_steps,
+            "tokens_per_s": (tokens - self._window_start[0]) / elapsed,
+            "optim/step_ms": optim_seconds * 1e3,
+            "optim/state_bytes": int(state),
+            "optim/state_bytes_total": int(total_state),
+            "mem/peak_bytes": int(peak),
+            **values,
+        }
+        self._logged_steps = self._window_steps
+        self._window, self._window_steps, self._window_start = None, 0, (tokens, train_time)
+        return record
+
+    def write_train(self, record: dict[str, Any]) -> None:
+        """Write a :meth:`train_record`, move the progress bar, and print a line when there is no bar (rank 0)."""
+        self.log(record)
+        self.advance(self._logged_steps, loss=record["train/loss"])
+        if not self.interactive:
+            self.print(
+                f"step {record['step']:>6} | loss {record['train/loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
+                f"optim {record['optim/step_ms']:.1f} ms"
+            )
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -62,6 +144,7 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` (rank 0)."""
         if self.enabled:
             self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
             self._file.flush()
@@ -74,7 +157,9 @@ class MetricsLogger:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def print(self, line: str) -> None:
-        """A console line that does not break the progress bar."""
+        """A console line that does not break the progress bar (rank 0)."""
+        if not self.main:
+            return
         if self._bar is not None:
             self._bar.write(line)
         else:

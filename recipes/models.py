@@ -8,9 +8,11 @@ how GPT-2's ``Conv1D`` stores it ((in, out)) and how its fused ``c_attn`` splits
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -103,6 +105,17 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_token: int | None = None)
         return model
     hf_cfg = hf_config(cfg, vocab_size, eot_token)
     return GPT2LMHeadModel(hf_cfg) if cfg.family == "gpt2" else LlamaForCausalLM(hf_cfg)
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The forward's autocast context: ``amp_dtype`` (bf16 on GPU) or none (fp32)."""
+    return torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def cross_entropy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM on ``inputs`` against ``targets``, computed in fp32."""
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,11 +1,20 @@
 """The training loop: data -> model -> loss.backward over micro-batches -> clip -> optimizer step ->
-schedule -> metrics, eval, checkpoint. Train time excludes evaluation and checkpointing."""
+schedule -> metrics, eval, checkpoint. Train time excludes evaluation and checkpointing.
+
+Each stage is a component that decides for itself: :class:`recipes.parallel.Parallel` builds and wraps the
+model, :class:`recipes.metrics.MetricsLogger` owns the record, its cadence and the rank gating,
+:class:`recipes.evaluation.Evaluator` owns eval and the target, :class:`recipes.checkpoint.Checkpointer` owns
+resume and when to save, and optimizer-specific work goes through ``optimizer.metrics()`` and the between-steps
+hook (Sophia's Hessian estimate). Every branch that controls a collective (stop, target, non-finite loss) is
+decided on values that are the same on every rank.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import resource
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -13,20 +22,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoTokenizer
 
 import eopt
+from recipes import parallel
 from recipes.checkpoint import Checkpointer
 from recipes.config import Config
 from recipes.data import TrainBatches, check_vocab_fits, read_meta, val_batches
-from recipes.errors import CheckpointError, ConfigError, DataError, TrainingError
-from recipes.hessian import hessian_update
+from recipes.errors import ConfigError, TrainingError
+from recipes.evaluation import Evaluator
+from recipes.hessian import check_hessian_config, hessian_hook
 from recipes.metrics import MetricsLogger, write_json_atomic
-from recipes.models import build_model, check_model_config, count_params, flops_per_token, peak_flops
-from recipes.optim import build_optimizer, build_scheduler, check_optimizer, check_schedule, group_learning_rates
+from recipes.models import (
+    autocast,
+    build_model,
+    check_model_config,
+    count_params,
+    cross_entropy,
+    flops_per_token,
+    peak_flops,
+)
+from recipes.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_optimizer,
+    check_schedule,
+    clip_grad_norm_,
+    group_learning_rates,
+)
+from recipes.parallel import Parallel, check_parallelism
 from recipes.prepare import prepare
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -86,17 +112,22 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         )
     if t.target_val_loss is not None and t.target_val_loss <= 0:
         raise ConfigError(f"train.target_val_loss={t.target_val_loss} must be > 0, or null")
+    check_parallelism(cfg.parallelism, world_size)
     check_model_config(cfg.model)
     check_optimizer(cfg.optimizer)
+    check_hessian_config(cfg, world_size)
     check_schedule(cfg.schedule)
 
 
-def plan_run(cfg: Config, meta: dict[str, Any], world_size: int = 1) -> Plan:
-    """Resolve device, dtype, vocabulary, accumulation and budget for a checked config and prepared data."""
+def device_kind(cfg: Config) -> str:
+    """``cuda`` or ``cpu``, as ``train.device`` says (``auto``: CUDA when there is one)."""
     t = cfg.train
-    device = torch.device(
-        "cuda" if t.device == "auto" and torch.cuda.is_available() else t.device.replace("auto", "cpu")
-    )
+    return "cuda" if t.device == "auto" and torch.cuda.is_available() else t.device.replace("auto", "cpu")
+
+
+def plan_run(cfg: Config, meta: dict[str, Any], device: torch.device, world_size: int = 1) -> Plan:
+    """Resolve dtype, vocabulary, accumulation and budget for a checked config and prepared data on ``device``."""
+    t = cfg.train
     dtype = DTYPES[t.dtype] if t.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     vocab_size = cfg.model.vocab_size or meta["vocab_size"]
     check_vocab_fits(meta, vocab_size)
@@ -121,56 +152,47 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if diff:
-                return diff
-        return None
-    return None if a == b else f"{prefix[:-1]}: checkpoint has {a!r}, this run has {b!r}"
-
-
 class StopSignal:
-    """Turns SIGTERM/SIGUSR1 (SLURM preemption) into a flag the loop checks after each step."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 (SLURM preemption, submitit's checkpoint signal) into a flag that every rank
+    checks after each step; :meth:`agreed` is the same on every rank, so all save at the same step."""
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, device: torch.device) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._flag = torch.zeros(1, device=device)
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
-
-def cross_entropy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list, plan: Plan) -> float:
-    """Mean loss over the fixed validation batches."""
-    model.eval()
-    total = torch.zeros((), device=plan.device)
-    for inputs, targets in batches:
-        with torch.autocast(plan.device.type, plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
-            total += cross_entropy(model, inputs.to(plan.device), targets.to(plan.device)) * targets.numel()
-    model.train()
-    return (total / sum(targets.numel() for _, targets in batches)).item()
+    def agreed(self) -> bool:
+        """Whether any rank was signalled (one tiny all-reduce per step when there are several ranks)."""
+        if parallel.world_size() == 1:
+            return self.signum is not None
+        self._flag.fill_(float(self.signum or 0))
+        signum = int(parallel.all_reduce(self._flag, "max").item())
+        self.signum = signum or None
+        return self.signum is not None
 
 
-def train_step(model: nn.Module, micro_batches: list, optimizer, plan: Plan, grad_clip: float | None):
-    """Forward/backward over the micro-batches, clip, optimizer step. Returns (loss, grad norm, optimizer seconds)."""
+def train_step(model: nn.Module, micro_batches: list, optimizer, plan: Plan, grad_clip: float | None, par: Parallel):
+    """Forward/backward over the micro-batches, clip, optimizer step. Returns (loss, grad norm, optimizer seconds).
+
+    The loss of each micro-batch is divided by their number, so the gradient is the mean over this rank's
+    sequences, and DDP/FSDP average it over ranks: the mean over the global batch, as in one process.
+    """
     loss_sum = torch.zeros((), device=plan.device)
-    for inputs, targets in micro_batches:
-        with torch.autocast(plan.device.type, plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
-            loss = cross_entropy(
-                model, inputs.to(plan.device, non_blocking=True), targets.to(plan.device, non_blocking=True)
-            )
-        (loss / len(micro_batches)).backward()
+    for i, (inputs, targets) in enumerate(micro_batches):
+        with par.no_sync(model, last=i == len(micro_batches) - 1):
+            with autocast(plan.device, plan.amp_dtype):
+                loss = cross_entropy(
+                    model, inputs.to(plan.device, non_blocking=True), targets.to(plan.device, non_blocking=True)
+                )
+            (loss / len(micro_batches)).backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
+    grad_norm = clip_grad_norm_(list(model.parameters()), grad_clip)
     t0 = time.perf_counter()
     optimizer.step()
     optim_seconds = time.perf_counter() - t0
@@ -178,21 +200,15 @@ def train_step(model: nn.Module, micro_batches: list, optimizer, plan: Plan, gra
     return loss_sum / len(micro_batches), grad_norm, optim_seconds
 
 
-def estimate_hessian(model: nn.Module, optimizer, batch: tuple, plan: Plan, cfg: Config, step: int) -> None:
-    """Sophia's Hessian estimate on a fresh micro-batch, after the step; its sampling is seeded by (seed, step)
-    so that a resumed run draws what an uninterrupted one does."""
-    inputs, targets = (x.to(plan.device) for x in batch)
-    generator = torch.Generator(plan.device).manual_seed(cfg.seed * 1_000_003 + step)
-    with torch.autocast(plan.device.type, plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
-        hessian_update(model, optimizer, inputs, targets, grad_clip=cfg.train.grad_clip, generator=generator)
-
-
-def export_model(model: nn.Module, data_dir: Path, out: Path) -> None:
-    """``save_pretrained`` the model, with the dataset's tokenizer when it has a Hugging Face one, so that any HF
-    tool (generation, lm-eval) loads the directory as it is."""
-    model.save_pretrained(out)
-    if (data_dir / "tokenizer_config.json").exists():
-        AutoTokenizer.from_pretrained(data_dir).save_pretrained(out)
+def export_model(model: nn.Module, data_dir: Path, out: Path, par: Parallel) -> None:
+    """``save_pretrained`` the model (gathered to rank 0 when sharded), with the dataset's tokenizer when it has a
+    Hugging Face one, so that any HF tool (generation, lm-eval) loads the directory as it is."""
+    state_dict = par.full_state_dict(model)
+    if par.world.main:
+        model.save_pretrained(out, state_dict=state_dict)
+        if (data_dir / "tokenizer_config.json").exists():
+            AutoTokenizer.from_pretrained(data_dir).save_pretrained(out)
+    parallel.barrier()
 
 
 def peak_memory(device: torch.device) -> int:
@@ -201,87 +217,116 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def shared_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run directory, on every rank: Hydra resolves ``${now:...}`` in each process, so ranks started in
+    different seconds get different directories. A rank's own directory that holds only Hydra's files goes."""
+    shared = Path(parallel.broadcast_object(str(run_dir)))
+    if shared != run_dir and run_dir.is_dir():
+        if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+    return shared
+
+
 def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Train as ``cfg`` says, writing metrics, checkpoints and the summary to ``run_dir``."""
+    """Train as ``cfg`` says, writing metrics, checkpoints and the summary to ``run_dir``.
+
+    Launched by torchrun (or srun) with several processes, every rank calls this; the result is the one
+    process's with the same config. Returns the summary, or ``{"stopped": signal, ...}`` after a stop signal.
+    """
+    try:
+        check_config(cfg, parallel.world_from_env().world_size)
+    except ConfigError as e:
+        raise parallel.on_every_rank(e) from e.__cause__
+    par = parallel.init(cfg.parallelism, device_kind(cfg))
+    try:
+        return _train(cfg, shared_run_dir(run_dir), par)
+    finally:
+        parallel.destroy()
+
+
+def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
+    t, world = cfg.train, par.world
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_config(cfg)
-    data_dir = prepare(cfg.data, progress=cfg.logger.progress)
+    data_dir = parallel.decided_once(lambda: prepare(cfg.data, progress=cfg.logger.progress))
     meta = read_meta(data_dir)
-    plan = plan_run(cfg, meta)
+    plan = plan_run(cfg, meta, par.device, world.world_size)
     torch.manual_seed(cfg.seed)
-    with plan.device:
-        model = build_model(cfg.model, plan.vocab_size, eot_token=meta["eot_token"])
+    model, forward = par.build(
+        lambda: build_model(cfg.model, plan.vocab_size, eot_token=meta["eot_token"]), compile=t.compile
+    )
     n_params = count_params(model)
     summary: dict[str, Any] = {
         "model": cfg.model.name,
         "optimizer": cfg.optimizer["name"],
         "data": cfg.data.name,
+        "parallelism": par.describe(),
         "params": n_params,
         "run_dir": str(run_dir),
     }
     if plan.max_steps == 0:
-        write_json_atomic(run_dir / "summary.json", summary)
+        if world.main:
+            write_json_atomic(run_dir / "summary.json", summary)
         return summary
 
     optimizer = build_optimizer(model, cfg.optimizer, tokens_per_step=plan.tokens_per_step)
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.max_steps)
-    t = cfg.train
     batches = TrainBatches(
-        data_dir, seq_len=t.seq_len, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, seed=cfg.seed
+        data_dir,
+        seq_len=t.seq_len,
+        batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+        rank=world.rank,
+        world_size=world.world_size,
+        seed=cfg.seed,
     )
-    val = val_batches(data_dir, eval_tokens=t.eval_tokens, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size)
-    if not val:
-        raise DataError(f"the val split of {data_dir} has fewer than train.seq_len+1 tokens: prepare more data")
-
-    checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
-    state = RunState()
-    latest = checkpointer.latest()
-    if latest is not None:
-        saved = checkpointer.read_trainer_state(latest)
-        diff = _first_difference(saved["config"], fingerprint(cfg))
-        if diff:
-            raise CheckpointError(f"cannot resume from {latest}: {diff}; match the config or use a new run directory")
-        checkpointer.load(latest, model, optimizer)
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        if plan.device.type == "cuda":
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        state = RunState(**saved["state"])
-
-    hessian_interval = cfg.optimizer.get("hessian_interval", 10) if hasattr(optimizer, "update_hessian") else 0
-    forward_model = torch.compile(model) if t.compile else model
-    log = MetricsLogger(run_dir, cfg.logger, plan.max_steps, state.step)
-    stop = StopSignal()
+    evaluator = Evaluator(
+        par.eval_module(model, forward),
+        val_batches(
+            data_dir,
+            eval_tokens=t.eval_tokens,
+            seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            rank=world.rank,
+            world_size=world.world_size,
+        ),
+        every=t.eval_every,
+        target=t.target_val_loss,
+        device=plan.device,
+        amp_dtype=plan.amp_dtype,
+        seq_len=t.seq_len,
+    )
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        t.keep_checkpoints,
+        every=t.checkpoint_every,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        fingerprint=fingerprint(cfg),
+        async_save=t.async_checkpoint,
+    )
+    resumed = checkpointer.resume(plan.device)
+    state = RunState(**resumed[1]["state"]) if resumed else RunState()
+    between_steps = hessian_hook(forward, optimizer, batches, cfg, plan.device, plan.amp_dtype)
+    log = MetricsLogger(run_dir, cfg.logger, plan.max_steps, state.step, log_every=t.log_every, main=world.main)
+    stop = StopSignal(plan.device)
     flops = flops_per_token(model, t.seq_len)
     peak = peak_flops(plan.device, plan.amp_dtype or torch.float32)
     log.print(
         f"{cfg.model.name}: {n_params:,} params | {cfg.optimizer['name']} | {plan.max_steps} steps x "
-        f"{plan.tokens_per_step:,} tokens | {plan.device} {str(plan.amp_dtype or torch.float32)[6:]} | {run_dir}"
+        f"{plan.tokens_per_step:,} tokens | {plan.device} {str(plan.amp_dtype or torch.float32)[6:]} | "
+        f"{par.describe()} | {run_dir}"
     )
-    if latest is not None:
-        log.print(f"resumed from {latest.name} (step {state.step})")
-
-    def save_checkpoint() -> None:
-        trainer_state = {
-            "state": asdict(state),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "config": fingerprint(cfg),
-        }
-        if plan.device.type == "cuda":
-            trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        checkpointer.save(state.step, model, optimizer, trainer_state)
+    if resumed:
+        log.print(f"resumed from {resumed[0].name} (step {state.step})")
 
     def run_eval() -> float:
-        val_loss = evaluate(forward_model, val, plan)
+        val_loss = evaluator.evaluate()
         log.log({"step": state.step, "tokens": state.tokens, "time": state.train_time, "val/loss": val_loss})
         log.print(f"step {state.step:>6} | val/loss {val_loss:.4f}")
-        if t.target_val_loss is not None and state.steps_to_target is None and val_loss <= t.target_val_loss:
-            state.steps_to_target, state.tokens_to_target, state.time_to_target = (
-                state.step,
-                state.tokens,
-                state.train_time,
-            )
+        if state.steps_to_target is None and evaluator.reached(val_loss):
+            state.steps_to_target, state.tokens_to_target = state.step, state.tokens
+            state.time_to_target = state.train_time
             log.print(f"target val/loss {t.target_val_loss} reached at step {state.step} ({state.tokens:,} tokens)")
         return val_loss
 
@@ -289,17 +334,16 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         log.print(f"{run_dir} is already complete (step {state.step}): nothing to do")
         log.close()
         done = run_dir / "summary.json"
-        return json.loads(done.read_text()) if done.exists() else summary
+        return parallel.decided_once(lambda: json.loads(done.read_text()) if done.exists() else summary)
     val_loss = run_eval() if state.step == 0 else None
-    window = torch.zeros(2, device=plan.device)  # sums of loss and grad norm since the last log line
-    window_steps, window_start = 0, (state.tokens, state.train_time)
+    log.start(state.tokens, state.train_time)
     while state.step < plan.max_steps and state.steps_to_target is None:
         step_start = time.perf_counter()
         loss, grad_norm, optim_seconds = train_step(
-            forward_model, batches.micro_batches(state.step), optimizer, plan, t.grad_clip
+            forward, batches.micro_batches(state.step), optimizer, plan, t.grad_clip, par
         )
-        if hessian_interval and state.step % hessian_interval == hessian_interval - 1:
-            estimate_hessian(forward_model, optimizer, batches.fresh_micro_batch(state.step), plan, cfg, state.step)
+        if between_steps is not None:
+            between_steps(state.step)
         lrs = group_learning_rates(optimizer)
         scheduler.step()
         if plan.device.type == "cuda":
@@ -307,63 +351,45 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         state.train_time += time.perf_counter() - step_start
         state.step += 1
         state.tokens += plan.tokens_per_step
-        window += torch.stack([loss, grad_norm.to(loss)])
-        window_steps += 1
+        log.accumulate(loss, grad_norm)
 
-        last = state.step == plan.max_steps
-        checkpoint_due = t.checkpoint_every > 0 and state.step % t.checkpoint_every == 0
-        if state.step % t.log_every == 0 or last or checkpoint_due or stop.signum is not None:
-            loss_sum, norm_sum = window.tolist()
-            if not (math.isfinite(loss_sum) and math.isfinite(norm_sum)):
-                raise TrainingError(
-                    f"non-finite loss or gradient by step {state.step}: lower optimizer.lr or set train.grad_clip; "
-                    f"the checkpoints in {checkpointer.directory} are from before it and intact"
-                )
-            step_loss, norm = loss.item(), grad_norm.item()
-            tokens_per_s = (state.tokens - window_start[0]) / max(state.train_time - window_start[1], 1e-9)
-            record = {
-                "step": state.step,
-                "tokens": state.tokens,
-                "time": state.train_time,
-                "train/loss": step_loss,
-                "train/loss_avg": loss_sum / window_steps,
-                "grad_norm": norm,
+        last, stopping = state.step == plan.max_steps, stop.agreed()
+        if log.due(state.step, force=last or stopping or checkpointer.due(state.step)):
+            record = log.train_record(
+                state.step,
+                state.tokens,
+                state.train_time,
+                loss=loss,
+                grad_norm=grad_norm,
+                optim_seconds=optim_seconds,
+                state_bytes=eopt.state_bytes(optimizer),
+                peak_bytes=peak_memory(plan.device),
                 **lrs,
-                "tokens_per_s": tokens_per_s,
-                "optim/step_ms": optim_seconds * 1e3,
-                "optim/state_bytes": eopt.state_bytes(optimizer),
-                "mem/peak_bytes": peak_memory(plan.device),
-            }
-            if peak is not None:
-                record["mfu"] = flops * tokens_per_s / peak
-            if getattr(optimizer, "win_rate", None) is not None:
-                record["optim/sophia_win_rate"] = optimizer.win_rate.item()
-            log.log(record)
-            log.advance(window_steps, loss=step_loss)
-            if not log.interactive:
-                log.print(
-                    f"step {state.step:>6} | loss {step_loss:.4f} | {tokens_per_s:,.0f} tok/s | "
-                    f"optim {optim_seconds * 1e3:.1f} ms"
-                )
-            window.zero_()
-            window_steps, window_start = 0, (state.tokens, state.train_time)
-        if state.step % t.eval_every == 0 or last:
-            val_loss = run_eval()
-        if stop.signum is not None:
-            save_checkpoint()
-            log.close()
-            raise SystemExit(
-                f"stopped by signal {stop.signum} at step {state.step}; checkpoint saved in "
-                f"{checkpointer.directory}: run the same command again to resume"
+                **{f"optim/{k}": v.item() for k, v in optimizer.metrics().items()},
             )
-        if checkpoint_due:
-            save_checkpoint()
+            if not (math.isfinite(record["train/loss_avg"]) and math.isfinite(record["grad_norm_avg"])):
+                raise parallel.on_every_rank(
+                    TrainingError(
+                        f"non-finite loss or gradient by step {state.step}: lower optimizer.lr or set "
+                        f"train.grad_clip; the checkpoints in {checkpointer.directory} are from before it and intact"
+                    )
+                )
+            if peak is not None:
+                record["mfu"] = flops * record["tokens_per_s"] / (peak * world.world_size)
+            log.write_train(record)
+        if evaluator.due(state.step, last):
+            val_loss = run_eval()
+        checkpointer.maybe_save(state.step, lambda: asdict(state), stop=stopping)
+        if stopping:
+            log.close()
+            return {"stopped": stop.signum, "step": state.step, "checkpoints": str(checkpointer.directory)}
 
     if val_loss is None:
         val_loss = run_eval()
-    save_checkpoint()
+    checkpointer.maybe_save(state.step, lambda: asdict(state), last=True)
+    checkpointer.close()
     if t.save_model:
-        export_model(model, data_dir, run_dir / "model")
+        export_model(model, data_dir, run_dir / "model", par)
     log.close()
     summary.update(
         {
@@ -376,8 +402,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "time_to_target_s": state.time_to_target,
             "steps_to_target": state.steps_to_target,
             "tokens_per_step": plan.tokens_per_step,
-            "optim/state_bytes": eopt.state_bytes(optimizer),
         }
     )
-    write_json_atomic(run_dir / "summary.json", summary)
+    state_bytes = eopt.state_bytes(optimizer)
+    summary["optim/state_bytes"] = int(parallel.reduced([state_bytes], "max")[0])
+    summary["optim/state_bytes_total"] = int(parallel.reduced([state_bytes])[0])
+    if world.main:
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary
