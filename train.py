@@ -11,12 +11,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from recipes.cli import format_user_error, is_user_error
-from recipes.config import Config, register_configs
+from recipes.config import register_configs, resolve_config
 from recipes.errors import RecipeError
-from recipes.parallel import world_from_env
+from recipes.parallel import peer_failure, world_from_env
 
 register_configs()
 FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -26,11 +26,9 @@ FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
 def main(cfg: DictConfig) -> None:
     from recipes.trainer import train
 
-    config: Config = OmegaConf.to_object(cfg)
-    config.optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     world = world_from_env()
     try:
-        summary = train(config, Path(HydraConfig.get().runtime.output_dir))
+        summary = train(resolve_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     except RecipeError as e:
         if FULL_TRACEBACK:
             raise
@@ -39,6 +37,12 @@ def main(cfg: DictConfig) -> None:
             prefix = "" if world.world_size == 1 or world.main else f"(rank {world.rank}) "
             print(f"error: {prefix}{e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        lost = None if FULL_TRACEBACK or world.world_size == 1 else peer_failure(e)
+        if lost is None:
+            raise
+        print(f"error: (rank {world.rank}) {lost}", file=sys.stderr)
+        sys.exit(1)
     if not world.main:
         return
     if "stopped" in summary:

@@ -11,7 +11,7 @@ The optimizers then work in three ways, chosen by the math:
   a local partial sum, reduced over the shard groups with one :func:`all_reduce_sum_` per param group;
 - matrix work (Muon's Newton–Schulz, SOAP's and Shampoo's factors and bases) runs on the :func:`full`
   matrix, identically on every rank (``matrix_update="replicated"``), and each rank adds the rows of the
-  result that it holds (:func:`add_local_`).
+  result that it holds (:func:`add_local_`, or :func:`copy_local_` around the one-process in-place update).
 
 State layout rule (see :mod:`eopt.base`): a state tensor either is sharded like its parameter (a
 ``DTensor``) or holds the same value on every rank; never a plain tensor whose value differs between ranks
@@ -100,3 +100,12 @@ def add_local_(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], 
     torch._foreach_add_(
         [local(p) for p in params], [local_slice(u, p) for u, p in zip(updates, params, strict=True)], alpha=alpha
     )
+
+
+def copy_local_(wholes: Sequence[torch.Tensor], params: Sequence[torch.Tensor], into_params: bool) -> None:
+    """Copy between this rank's rows of global-shape tensors ``wholes[i]`` and the local shards of ``params[i]``:
+    into the parameters (``into_params``) or out of them. One foreach call."""
+    views = [local_slice(w, p) for w, p in zip(wholes, params, strict=True)]
+    shards = [local(p) for p in params]
+    if views:
+        torch._foreach_copy_(*((shards, views) if into_params else (views, shards)))

@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 
 from eopt.base import Optimizer, ParamGroups, check, params_with_grad
-from eopt.distributed import add_local_, gather, is_sharded, local
+from eopt.distributed import copy_local_, gather, is_sharded, local
 from eopt.newton_schulz import Coefficients, check_coefficients, newton_schulz
 
 SCALES = ("shape_scaling", "spectral", "unit_rms_norm", "match_rms_adamw")
@@ -125,7 +125,8 @@ class Muon(Optimizer):
     and weight decay run on each rank's rows (``momentum_buffer`` is sharded like its parameter); ``u`` is
     all-gathered to the full matrix (:func:`eopt.distributed.gather`), and every rank runs the same pieces,
     stacks (by global shape, in the one-process order), Newton–Schulz and second moment on the full
-    matrices, then adds the rows it holds (:func:`eopt.distributed.add_local_`). NorMuon's and AdaMuon's
+    matrices into full-shape copies of its rows and keeps those rows (:func:`eopt.distributed.copy_local_`), so
+    each weight gets the one-process arithmetic bitwise. NorMuon's and AdaMuon's
     ``moment2`` are plain full-shape tensors, identical on every rank.
 
     Args:
@@ -256,15 +257,18 @@ class Muon(Optimizer):
             torch._foreach_mul_(weights, 1.0 - lr * wd)
         targets = params
         if sharded:
-            # Newton–Schulz needs whole matrices: every rank gathers each u and computes the same full update.
+            # Newton–Schulz needs whole matrices: every rank gathers each u and computes the same full update,
+            # adding it into full-shape targets that hold this rank's rows of the weights, so that every weight
+            # element gets the one-process operation on the same values (bitwise the same), then keeps its rows.
             inputs = [gather(u, p) for u, p in zip(inputs, params, strict=True)]
             targets = [torch.zeros_like(u) for u in inputs]
+            copy_local_(targets, params, into_params=False)
         if group["foreach"] is False:
             self._update_single(group, params, inputs, targets)
         else:
             self._update_batched(group, params, inputs, targets)
         if sharded:
-            add_local_(params, targets)
+            copy_local_(targets, params, into_params=True)
 
     def _update_single(self, group: dict, params: list, inputs: list, targets: list) -> None:
         """Reference path: one matrix piece at a time; adds each piece's update of ``inputs[j]`` into

@@ -158,8 +158,9 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             error = CheckpointError(
-                f"checkpoint {path} does not fit this run's model/optimizer ({reason[:200]}): resume with the "
-                "config it was written with, or start a new run directory"
+                f"checkpoint {path} does not fit this run's model/optimizer or is damaged ({reason[:200]}): resume "
+                "with the config it was written with, delete that directory to resume from the one before it, or "
+                "start a new run directory"
             )
             error.__cause__ = e
         parallel.raise_together(error)

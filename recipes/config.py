@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -110,6 +110,13 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+
+
+def resolve_config(cfg: DictConfig) -> Config:
+    """The typed :class:`Config` of a composed Hydra config (the optimizer group stays a plain dict)."""
+    config: Config = OmegaConf.to_object(cfg)
+    config.optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    return config
 
 
 def register_configs() -> None:

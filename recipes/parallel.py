@@ -223,7 +223,11 @@ class Parallel:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # A tied parameter (GPT-2's head is its embedding) is saved once, under its first name, as in one process.
+        first = {id(p): name for name, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+        aliases = {name for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+        return {k: v for k, v in state.items() if k not in aliases}
 
     def no_sync(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """Context of a micro-batch's backward: under DDP all but the last skip the gradient all-reduce."""
@@ -248,9 +252,10 @@ def init(cfg: ParallelismConfig, device_kind: str, timeout_s: int | None = None)
     if device_kind == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    global _REDUCE_DEVICE
+    global _REDUCE_DEVICE, _OWN_GROUP
     _REDUCE_DEVICE = device
     if cfg.name != "single" and not dist.is_initialized():
+        _OWN_GROUP = True
         _set_rendezvous_env(world)
         dist.init_process_group(
             "nccl" if device_kind == "cuda" else "gloo",
@@ -262,12 +267,16 @@ def init(cfg: ParallelismConfig, device_kind: str, timeout_s: int | None = None)
 
 
 def destroy() -> None:
-    if dist.is_initialized():
+    """Leave the process group that :func:`init` created (one that the caller had set up is left to it)."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 # ------------------------------------------------------------------------------------ rank helpers
 
+_OWN_GROUP = False  # whether init() created the process group (and destroy() ends it)
 _REDUCE_DEVICE = torch.device("cpu")  # where the helpers' small tensors live: the job's device (NCCL needs CUDA)
 
 
@@ -342,6 +351,20 @@ def decided_once(fn: Callable[[], T]) -> T:
     if not ok:
         raise on_every_rank(value)
     return value
+
+
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|[Tt]imed out|[Tt]imeout|Broken pipe|NCCL communicator")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died or stopped answering (its own output
+    has the cause), or None when ``error`` is something else (a bug here, whose traceback must be shown)."""
+    message = str(error).strip()
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and _PEER_LOST.search(message))):
+        return None
+    reason = message.splitlines()[-1] if message else type(error).__name__
+    reason = reason.split("] ", 1)[-1].split(". This is typically", 1)[0]
+    return f"a collective failed because another rank stopped or died (its output has the cause): {reason}"
 
 
 def raise_together(error: RecipeError | None) -> None:

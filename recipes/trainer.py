@@ -83,6 +83,7 @@ class RunState:
 def check_config(cfg: Config, world_size: int = 1) -> None:
     """Every check that needs only the config, run before any work (data preparation included)."""
     t = cfg.train
+    check_parallelism(cfg.parallelism, world_size)
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device={t.device!r} must be auto, cpu or cuda")
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -103,7 +104,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if t.batch_size % (t.micro_batch_size * world_size):
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size} x "
-            f"{world_size} device(s): make the global batch a multiple of {t.micro_batch_size * world_size}"
+            f"{world_size} data-parallel rank(s): make the global batch a multiple of {t.micro_batch_size * world_size}"
         )
     if t.seq_len > cfg.model.max_position_embeddings:
         raise ConfigError(
@@ -112,7 +113,6 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         )
     if t.target_val_loss is not None and t.target_val_loss <= 0:
         raise ConfigError(f"train.target_val_loss={t.target_val_loss} must be > 0, or null")
-    check_parallelism(cfg.parallelism, world_size)
     check_model_config(cfg.model)
     check_optimizer(cfg.optimizer)
     check_hessian_config(cfg, world_size)

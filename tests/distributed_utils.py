@@ -27,7 +27,7 @@ import eopt
 from eopt.distributed import local, local_slice
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,7 +54,7 @@ def spawn(fn: Callable, world_size: int, *args: Any) -> None:
     with tempfile.TemporaryDirectory() as errors:
         try:
             mp.start_processes(
-                _worker, args=(world_size, _free_port(), errors, fn, args), nprocs=world_size, start_method="spawn"
+                _worker, args=(world_size, free_port(), errors, fn, args), nprocs=world_size, start_method="spawn"
             )
         except Exception as e:
             reports = sorted(Path(errors).glob("rank*.txt"))
