@@ -65,6 +65,7 @@ class Plan:
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
     vocab_size: int
+    micro_batch_size: int  # per rank
     accum_steps: int
     tokens_per_step: int
     max_steps: int
@@ -91,7 +92,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype={t.dtype!r} must be auto, fp32 or bf16")
     for key in ("batch_size", "micro_batch_size", "seq_len", "eval_every", "log_every"):
-        if getattr(t, key) <= 0:
+        if getattr(t, key) is not None and getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
     if t.max_steps < 0 or (t.max_tokens is not None and t.max_tokens <= 0):
         raise ConfigError("train.max_steps must be >= 0 and train.max_tokens > 0 (or null)")
@@ -101,7 +102,12 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be > 0, or null to disable clipping")
-    if t.batch_size % (t.micro_batch_size * world_size):
+    if t.micro_batch_size is None and t.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by {world_size} data-parallel ranks: make the "
+            f"global batch a multiple of {world_size}"
+        )
+    if t.micro_batch_size is not None and t.batch_size % (t.micro_batch_size * world_size):
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size} x "
             f"{world_size} data-parallel rank(s): make the global batch a multiple of {t.micro_batch_size * world_size}"
@@ -133,8 +139,10 @@ def plan_run(cfg: Config, meta: dict[str, Any], device: torch.device, world_size
     check_vocab_fits(meta, vocab_size)
     tokens_per_step = t.batch_size * t.seq_len
     max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens is not None else t.max_steps
-    accum_steps = t.batch_size // (t.micro_batch_size * world_size)
-    return Plan(device, dtype if dtype != torch.float32 else None, vocab_size, accum_steps, tokens_per_step, max_steps)
+    micro_batch = t.micro_batch(world_size)
+    accum_steps = t.batch_size // (micro_batch * world_size)
+    amp_dtype = dtype if dtype != torch.float32 else None
+    return Plan(device, amp_dtype, vocab_size, micro_batch, accum_steps, tokens_per_step, max_steps)
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
@@ -239,7 +247,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         raise parallel.on_every_rank(e) from e.__cause__
     par = parallel.init(cfg.parallelism, device_kind(cfg))
     try:
-        return _train(cfg, shared_run_dir(run_dir), par)
+        result = _train(cfg, shared_run_dir(run_dir), par)
+        parallel.barrier()  # no rank tears down its connections while another is still in its last collective
+        return result
     finally:
         parallel.destroy()
 
@@ -274,7 +284,8 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         data_dir,
         seq_len=t.seq_len,
         batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size,
+        micro_batch_size=plan.micro_batch_size,
+        fresh_batch_size=t.fresh_batch,
         rank=world.rank,
         world_size=world.world_size,
         seed=cfg.seed,
@@ -285,7 +296,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
             data_dir,
             eval_tokens=t.eval_tokens,
             seq_len=t.seq_len,
-            micro_batch_size=t.micro_batch_size,
+            micro_batch_size=plan.micro_batch_size,
             rank=world.rank,
             world_size=world.world_size,
         ),

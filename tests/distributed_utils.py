@@ -39,6 +39,7 @@ def _worker(rank: int, world_size: int, port: int, errors: str, fn: Callable, ar
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears down its connections while another is still in its last collective
     except BaseException:
         Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
         raise

@@ -57,7 +57,7 @@ def losses(run_dir: Path) -> dict[tuple[int, str], float]:
 
 def train_records(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
-    return path.read_text().count("train/loss") if path.exists() else 0
+    return path.read_text().count('"train/loss":') if path.exists() else 0
 
 
 def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int, timeout: float = 240) -> None:
@@ -201,3 +201,49 @@ def test_a_corrupt_shard_of_one_rank_fails_every_rank_with_one_line(pystdlib_dat
     assert str(checkpoint) in lines[0] and "delete" in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
     assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.parametrize(
+    ("layout", "optimizer", "model"), [("fsdp", "muon", "llama_tiny"), ("ddp", "adamw", "gpt2_tiny")]
+)
+def test_torchrun_with_the_default_batch_matches_one_process(pystdlib_data_root, tmp_path, layout, optimizer, model):
+    """The command a user types first, default batch settings and all (``micro_batch_size`` null: each rank takes
+    its half of the batch). One process runs one micro-batch of 8 and each rank one of 4, so the gradients are the
+    same sums in another order: equal to fp32 rounding, not bitwise."""
+    args = [
+        f"model={model}",
+        "model.n_layer=2",
+        f"optimizer={optimizer}",
+        f"data.root={pystdlib_data_root}",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.eval_tokens=2048",
+        "train.log_every=1",
+        "train.save_model=false",
+        "logger.progress=false",
+    ]
+    reference = tmp_path / "single"
+    single = subprocess.run(
+        [sys.executable, "train.py", *args, f"hydra.run.dir={reference}"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    run_dir = tmp_path / layout
+    proc = subprocess.run(
+        torchrun(*args, f"parallelism={layout}", f"hydra.run.dir={run_dir}"),
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{layout} 2 ranks" in proc.stdout
+    got, want = losses(run_dir), losses(reference)
+    assert got.keys() == want.keys() and len(got) >= 6
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
