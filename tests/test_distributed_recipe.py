@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.distributed_utils import spawn
+from tests.distributed_utils import TINY_LLAMA, losses, spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -37,14 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adamw", "muon", "soap", "shampoo", "adam_mini", "adafactor", "sophia")
 MODELS = {
     "gpt2": ["model=gpt2_tiny", "model.n_layer=2", "model.hidden_size=64", "model.n_head=2"],
-    "llama": [
-        "model=llama_tiny",
-        "model.n_layer=2",
-        "model.hidden_size=64",
-        "model.n_head=2",
-        "model.n_kv_head=1",
-        "model.intermediate_size=172",
-    ],
+    "llama": TINY_LLAMA,
 }
 # Each optimizer's preconditioner refreshes (and Sophia's Hessian estimates) inside the six steps.
 OPTIMIZER_ARGS = {
@@ -94,11 +87,6 @@ def run_cases(rank: int, world_size: int, cases: list[tuple[list[str], str]]) ->
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         for case_overrides, run_dir in cases:
             train(resolve_config(compose("train", overrides=case_overrides)), Path(run_dir))
-
-
-def losses(run_dir: Path) -> dict[tuple[int, str], float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {(r["step"], k): r[k] for r in records for k in ("train/loss", "val/loss") if k in r}
 
 
 def assert_same_losses(run: Path, reference: Path, from_step: int = 0) -> None:
