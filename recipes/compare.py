@@ -103,13 +103,12 @@ class Run:
         return self.config.get("seed")
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as dotted keys; lists stay values (so a list that differs splits groups as one key)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        name = f"{prefix}{key}"
+        out.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
     return out
 
 
@@ -150,7 +149,7 @@ def _finite(value: Any) -> bool:
 
 def speed(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     """(ms per step, optimizer ms per step): medians over the train records' windows, so that the slow first
-    steps (allocation, warm-up) and an eval-free but noisy window do not decide the figure."""
+    steps (allocation, warm-up) do not decide the figure."""
     train = [r for r in records if metrics.TRAIN_LOSS in r and metrics.TIME in r]
     windows, prev_step, prev_time = [], 0, 0.0
     for r in train:
@@ -163,10 +162,14 @@ def speed(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
 
 def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -> Run:
     """Read the run directory ``path`` (it holds ``.hydra/config.yaml``) and decide its status."""
+    config_path = path / ".hydra" / "config.yaml"
     try:
-        config = flatten(yaml.safe_load(_read_text(path / ".hydra" / "config.yaml")) or {})
+        tree = yaml.safe_load(_read_text(config_path))
     except yaml.YAMLError as e:
-        raise CompareError(f"{path / '.hydra' / 'config.yaml'} is not valid YAML ({type(e).__name__})") from None
+        raise CompareError(f"{config_path} is not valid YAML ({type(e).__name__})") from None
+    if not isinstance(tree, dict):
+        raise CompareError(f"{config_path} is not a Hydra run config (a mapping of groups): fix or delete it")
+    config = flatten(tree)
     metrics_path, summary_path = path / metrics.METRICS_FILE, path / metrics.SUMMARY_FILE
     records = read_records(metrics_path) if metrics_path.exists() else []
     summary = _read_json(summary_path) if summary_path.exists() else {}
@@ -306,7 +309,7 @@ class Group:
     @property
     def best_at_edge(self) -> bool:
         """The best LR is the smallest or largest of a grid of 3 or more: the optimum may lie outside it."""
-        return self.best is not None and len(self.points) >= 3 and self.best in (self.points[0], self.points[-1])
+        return len(self.points) >= 3 and (self.best is self.points[0] or self.best is self.points[-1])
 
     def to_target(self, target: float, axis: str, mode: str) -> tuple[float | None, int, int]:
         """(mean over the best LR's seeds or None unless all reach it, seeds reaching, seeds)."""
@@ -382,13 +385,6 @@ def _status_counts(runs: list[Run]) -> str:
     return f"{len(runs)}" + (f" ({detail})" if detail else "")
 
 
-@dataclass
-class Row:
-    group: Group
-    cells: dict[str, str]
-    sort_key: tuple
-
-
 def choose_target(groups: list[Group], baseline: Group, target: float | None) -> tuple[float | None, str]:
     """The target loss and where it came from: ``--target``, the runs' own ``train.target_val_loss`` when they
     agree, else the baseline's final val loss at its best LR ("reach AdamW's final loss with fewer tokens")."""
@@ -402,63 +398,72 @@ def choose_target(groups: list[Group], baseline: Group, target: float | None) ->
     return None, "none (the baseline has no finished run)"
 
 
-def build_rows(groups: list[Group], baseline: Group, target: float | None, mode: str, x: str) -> list[Row]:
-    base = {
-        axis: baseline.to_target(target, axis, mode)[0] if target is not None else None for axis in ("tokens", "time")
+def target_cells(g: Group, baseline: Group, target: float | None, mode: str) -> tuple[dict[str, str], dict]:
+    """Tokens and time to the target, the speedups over the baseline, the speedrun rule; and the raw values."""
+    if target is None:
+        return {"target (speedrun rule)": "no target"}, {"tokens": None, "time": None}
+    cells, to = {}, {}
+    for axis in ("tokens", "time"):
+        value, reached, n = g.to_target(target, axis, mode)
+        base = baseline.to_target(target, axis, mode)[0]
+        to[axis] = value
+        if value is None:
+            cells[f"{axis} to target"] = f"not reached ({reached}/{n} seeds)"
+        else:
+            cells[f"{axis} to target"] = _fmt_tokens(value) if axis == "tokens" else f"{value:.1f} s"
+        if value and base is not None:
+            cells[f"speedup ({axis})"] = f"{base / value:.2f}x"
+    margin = speedrun_margin(target, g.best.finals)
+    cells["target (speedrun rule)"] = f"{'meets' if margin >= SPEEDRUN_MARGIN else 'misses'} ({margin:+.4f})"
+    return cells, to
+
+
+def speed_cells(best: LRPoint) -> dict[str, str]:
+    """Step time, the optimizer's share of it and its state, over the best LR's finished seeds."""
+    ms = [r.ms_per_step for r in best.done if r.ms_per_step is not None]
+    optim = [r.optim_ms for r in best.done if r.optim_ms is not None]
+    state = [r.state_bytes for r in best.done if r.state_bytes is not None]
+    ms_mean = statistics.fmean(ms) if ms else None
+    share = statistics.fmean(optim) / ms_mean if optim and ms_mean else None
+    return {
+        "ms/step": _fmt(ms_mean, ".1f"),
+        "optim share": "—" if share is None else f"{100 * share:.1f}%",
+        "state": _fmt_bytes(max(state) if state else None),
     }
-    base_finals = baseline.best.finals if baseline.best else []
-    rows = []
+
+
+def welch_cell(g: Group, baseline: Group) -> str:
+    if g is baseline:
+        return "baseline"
+    test = welch(g.best.finals, baseline.best.finals if baseline.best else [])
+    if test is None:
+        return "untestable (n<2 or no spread)"
+    t, p = test
+    word = ("lower" if t < 0 else "higher") if p < WELCH_ALPHA else "not significant"
+    return f"{word} (t={t:+.2f}, p={p:.3f})"
+
+
+def build_rows(groups: list[Group], baseline: Group, target: float | None, mode: str, x: str) -> list[dict[str, str]]:
+    """The main table's rows: the baseline first, then by tokens (or time, ``x``) to target, then final loss;
+    groups with no eligible LR last."""
+    keyed = []
     for g in groups:
-        best = g.best
         cells = {"optimizer": g.label, "runs": _status_counts(g.runs)}
-        if best is None:
+        if g.best is None:
             cells["best LR"] = "— (no eligible LR)"
-            rows.append(Row(g, cells, (2, math.inf, g.label)))
+            keyed.append(((2, math.inf, math.inf), cells))
             continue
-        finals = best.finals
+        finals = g.best.finals
         std = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        cells["best LR"] = _short(best.lr) + (" (edge)" if g.best_at_edge else "")
-        cells["final val loss"] = f"{best.mean:.4f} ± {std:.4f} (n={len(finals)})"
-        to = {}
-        for axis in ("tokens", "time"):
-            if target is None:
-                to[axis] = None
-                cells[f"{axis} to target"] = "—"
-                continue
-            value, reached, n = g.to_target(target, axis, mode)
-            to[axis] = value
-            shown = _fmt_tokens(value) if axis == "tokens" else _fmt(value, ".1f") + ("" if value is None else " s")
-            cells[f"{axis} to target"] = shown if value is not None else f"not reached ({reached}/{n} seeds)"
-        for axis in ("tokens", "time"):
-            ok = to[axis] is not None and base[axis] is not None and to[axis] > 0
-            cells[f"speedup ({axis})"] = f"{base[axis] / to[axis]:.2f}x" if ok else "—"
-        ms = [r.ms_per_step for r in best.done if r.ms_per_step is not None]
-        optim = [r.optim_ms for r in best.done if r.optim_ms is not None]
-        state = [r.state_bytes for r in best.done if r.state_bytes is not None]
-        ms_mean = statistics.fmean(ms) if ms else None
-        cells["ms/step"] = _fmt(ms_mean, ".1f")
-        share = statistics.fmean(optim) / ms_mean if optim and ms_mean else None
-        cells["optim share"] = _fmt(None if share is None else 100 * share, ".1f") + ("" if share is None else "%")
-        cells["state"] = _fmt_bytes(max(state) if state else None)
-        if target is None:
-            cells["target (speedrun rule)"] = "no target"
-        else:
-            margin = speedrun_margin(target, finals)
-            verdict = "meets" if margin >= SPEEDRUN_MARGIN else "misses"
-            cells["target (speedrun rule)"] = f"{verdict} ({margin:+.4f})"
-        if g is baseline:
-            cells[f"vs {baseline.label} (Welch)"] = "baseline"
-        else:
-            test = welch(finals, base_finals)
-            if test is None:
-                cells[f"vs {baseline.label} (Welch)"] = "untestable (n<2 or no spread)"
-            else:
-                t, p = test
-                word = ("lower" if t < 0 else "higher") if p < WELCH_ALPHA else "no difference"
-                cells[f"vs {baseline.label} (Welch)"] = f"{word} (t={t:+.2f}, p={p:.3f})"
-        primary = to[x]
-        rows.append(Row(g, cells, (0 if g is baseline else 1, primary if primary is not None else math.inf, best.mean)))
-    return sorted(rows, key=lambda r: r.sort_key)
+        cells["best LR"] = _short(g.best.lr) + (" (edge)" if g.best_at_edge else "")
+        cells["final val loss"] = f"{g.best.mean:.4f} ± {std:.4f} (n={len(finals)})"
+        more, to = target_cells(g, baseline, target, mode)
+        cells.update(more)
+        cells.update(speed_cells(g.best))
+        cells[f"vs {baseline.label} (Welch)"] = welch_cell(g, baseline)
+        primary = to[x] if to[x] is not None else math.inf
+        keyed.append(((0 if g is baseline else 1, primary, g.best.mean), cells))
+    return [cells for _, cells in sorted(keyed, key=lambda kc: kc[0])]
 
 
 COLUMNS = [
@@ -483,9 +488,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def main_table(rows: list[Row], baseline: Group) -> str:
+def main_table(rows: list[dict[str, str]], baseline: Group) -> str:
     header = COLUMNS + [f"vs {baseline.label} (Welch)"]
-    return markdown_table(header, [[r.cells.get(c, "—") for c in header] for r in rows])
+    return markdown_table(header, [[row.get(c, "—") for c in header] for row in rows])
 
 
 def lr_table(groups: list[Group]) -> str:

@@ -353,3 +353,22 @@ def test_real_tiny_sweep(pystdlib_data_root: Path, tmp_path: Path):
     assert len(read_table(report, "## LR sensitivity")) == 3
     for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png", "lr_sensitivity.png"):
         assert (out / name).stat().st_size > 10_000
+
+
+def test_best_lr_at_the_end_of_the_grid_is_flagged_and_overlapping_seeds_are_not_significant(tmp_path: Path):
+    root = tmp_path / "runs"
+    # AdamW: 3 LRs, best in the middle. Muon: 3 LRs, best at the smallest; its seeds overlap AdamW's.
+    for lr, final in ((1e-3, 3.3), (2e-3, 3.0), (4e-3, 3.2)):
+        for seed, noise in ((0, 0.0), (1, 0.1)):
+            write_run(root / f"adamw_{lr}_{seed}", "adamw", lr, seed, [(0, 5.0), (100, final + noise)])
+    for lr, final in ((0.01, 2.98), (0.02, 3.1), (0.04, 3.3)):
+        for seed, noise in ((0, 0.0), (1, 0.1)):
+            write_run(root / f"muon_{lr}_{seed}", "muon", lr, seed, [(0, 5.0), (100, final + noise)])
+    status, report = compare(str(root), "--target", "3.5", "--out", str(tmp_path / "report"))
+    assert status == 0
+    rows = {r["optimizer"]: r for r in read_table(report)}
+    assert rows["adamw"]["best LR"] == "0.002" and rows["muon"]["best LR"] == "0.01 (edge)"
+    # Welch (variances 0.005, n = 2 a side, so 2 degrees of freedom): t = -0.02 / sqrt(0.005 / 2 + 0.005 / 2).
+    t = -0.02 / math.sqrt(0.005)
+    p = 1 - abs(t) / math.sqrt(2 + t * t)
+    assert rows["muon"]["vs adamw (Welch)"] == f"not significant (t={t:+.2f}, p={p:.3f})"
