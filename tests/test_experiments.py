@@ -1,6 +1,6 @@
 """The experiment recipes in conf/experiment/: every one composes and passes the trainer's config checks, the
 recipes of a family differ only in the optimizer, the speedrun recipe is the optimizer track's setup, and the
-speedrun's data path and a cpu_bench recipe run offline on small local data.
+speedrun's data path and a cpu_bench sweep run offline on small local data (and the compare tool reads the sweep).
 
 Oracles: the speedrun's published figures (REFERENCE.md: 524,288 tokens per step, target 3.28, 10,485,760 val
 tokens, GPT-2 124M), eopt's registry for the optimizer names, and summary.json / metrics.jsonl of real runs.
@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import eopt
+from recipes.compare import main as compare_main
 from recipes.config import register_configs, resolve_config
 from recipes.prepare import check_config as check_data_config
 from recipes.trainer import check_config
@@ -152,22 +153,32 @@ def test_speedrun_data_path_runs_offline_on_local_shards(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == before  # used as it is, not rebuilt
 
 
-def test_a_cpu_bench_recipe_runs(pystdlib_data_root, tmp_path):
-    run_dir = tmp_path / "run"
+def test_a_cpu_bench_sweep_runs_and_the_compare_tool_reads_it(pystdlib_data_root, tmp_path):
+    sweep = tmp_path / "sweep"
     proc = run_train(
+        "-m",
         "+experiment=cpu_bench/soap",
         f"data.root={pystdlib_data_root}",
+        "optimizer.lr=1e-3,4e-3",  # replaces the recipe's grid; seeds too
+        "seed=0",
         "train.max_tokens=4096",
         "train.eval_tokens=2048",
         "train.eval_every=1",
         "logger.progress=false",
-        f"hydra.run.dir={run_dir}",
+        f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["model"], summary["optimizer"], summary["steps"], summary["tokens"]) == (
-        "gpt2_cpu_bench",
-        "soap",
-        2,
-        4096,
-    )
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0_lr0.001_seed0", "1_lr0.004_seed0"]
+    summaries = [json.loads((p / "summary.json").read_text()) for p in runs]
+    for summary in summaries:
+        assert (summary["model"], summary["optimizer"], summary["steps"], summary["tokens"]) == (
+            "gpt2_cpu_bench",
+            "soap",
+            2,
+            4096,
+        )
+    out = tmp_path / "report"
+    assert compare_main([str(sweep), "--baseline", "soap", "--out", str(out)]) == 0
+    best = min(zip((1e-3, 4e-3), summaries, strict=True), key=lambda lr_s: lr_s[1]["final_val_loss"])[0]
+    assert f"| soap | {best:g} |" in (out / "report.md").read_text()
