@@ -527,13 +527,20 @@ def _relative(path: Path, root: Path) -> str:
 # ------------------------------------------------------------------------------------------------- plots
 
 
-def plot_curves(groups: list[Group], target: float | None, axis: str, path: Path) -> None:
-    """Val loss against tokens or train seconds: every seed of each group's best LR, one colour per group."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use so that
+    ``--help`` and input errors stay fast."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(groups: list[Group], target: float | None, axis: str, path: Path) -> None:
+    """Val loss against tokens or train seconds: every seed of each group's best LR, one colour per group."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     tail = []
     for g in groups:
@@ -555,7 +562,7 @@ def plot_curves(groups: list[Group], target: float | None, axis: str, path: Path
         ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("tokens (millions)" if axis == "tokens" else "train time (s, eval excluded)")
     ax.set_ylabel("val loss")
-    ax.set_title(f"Val loss vs {'tokens' if axis == 'tokens' else 'train time'} (best LR per optimizer, all seeds)")
+    ax.set_title(f"Val loss vs {CURVE_TITLES[axis]} (best LR per optimizer, all seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -565,11 +572,7 @@ def plot_curves(groups: list[Group], target: float | None, axis: str, path: Path
 
 def plot_sensitivity(groups: list[Group], path: Path) -> None:
     """Final val loss against LR per group (mean ± std over seeds); a diverged LR is an ``x`` on the top edge."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     diverged = []
     for g in groups:
@@ -620,52 +623,27 @@ PLOTS = {"tokens": "val_loss_vs_tokens.png", "time": "val_loss_vs_time.png", "lr
 CURVE_TITLES = {"tokens": "tokens", "time": "train time"}
 
 
-def compare(
-    paths: Sequence[Path],
-    out: Path,
-    *,
-    target: float | None = None,
-    baseline: str = "adamw",
-    x: str = "tokens",
-    crossing_mode: str = "interp",
-    running_window: float = RUNNING_WINDOW_S,
+def report_markdown(
+    header: list[str],
+    table: str,
+    groups: list[Group],
+    runs: list[Run],
+    base: Group,
+    root: Path,
+    crossing_mode: str,
+    x: str,
 ) -> str:
-    """Read the runs under ``paths``, write ``out/report.md`` and the plots; return the main table."""
-    dirs = find_run_dirs(paths)
-    if not dirs:
-        raise CompareError(
-            f"no runs found under {', '.join(map(str, paths))} (a run directory holds .hydra/config.yaml)"
-        )
-    now = time.time()
-    runs = [read_run(d, now, running_window) for d in dirs]
-    groups = group_runs(runs)
-    matches = [g for g in groups if g.label == baseline] or [g for g in groups if g.optimizer == baseline]
-    if len(matches) != 1:
-        found = "; ".join(g.label for g in groups)
-        what = "no runs of" if not matches else "several groups match"
-        raise CompareError(f"--baseline {baseline}: {what} it among the runs (groups: {found}); pass one of them")
-    base = matches[0]
-    target, target_source = choose_target(groups, base, target)
-    rows = build_rows(groups, base, target, crossing_mode, x)
-    table = main_table(rows, base)
-
-    out.mkdir(parents=True, exist_ok=True)
-    plot_curves(groups, target, "tokens", out / PLOTS["tokens"])
-    plot_curves(groups, target, "time", out / PLOTS["time"])
-    plot_sensitivity(groups, out / PLOTS["lr"])
-    root = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
-    statuses = {s: sum(r.status == s for r in runs) for s in ("done", "diverged", "stopped", "running")}
+    """``report.md``: the header lines, the main table, how to read it (the rules), the plots, the LR and run
+    tables."""
     crossing_rule = (
         "linear interpolation between the last eval above the target and the first at or below it"
         if crossing_mode == "interp"
         else "the first eval at or below the target (an upper bound at the eval cadence)"
     )
-    target_text = f"{target:.4f}" if target is not None else "none"
     lines = [
         "# Optimizer comparison",
         "",
-        f"{len(runs)} runs under `{root}`: " + ", ".join(f"{n} {s}" for s, n in statuses.items()) + ".",
-        f"Baseline: **{base.label}**. Target val loss: **{target_text}** ({target_source}).",
+        *header,
         "",
         table,
         "",
@@ -697,7 +675,50 @@ def compare(
         runs_table(runs, root),
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def compare(
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    target: float | None = None,
+    baseline: str = "adamw",
+    x: str = "tokens",
+    crossing_mode: str = "interp",
+    running_window: float = RUNNING_WINDOW_S,
+) -> str:
+    """Read the runs under ``paths``, write ``out/report.md`` and the plots; return the main table."""
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        raise CompareError(
+            f"no runs found under {', '.join(map(str, paths))} (a run directory holds .hydra/config.yaml)"
+        )
+    now = time.time()
+    runs = [read_run(d, now, running_window) for d in dirs]
+    groups = group_runs(runs)
+    matches = [g for g in groups if g.label == baseline] or [g for g in groups if g.optimizer == baseline]
+    if len(matches) != 1:
+        found = "; ".join(g.label for g in groups)
+        what = "no group matches it" if not matches else "several groups match it"
+        raise CompareError(f"--baseline {baseline}: {what} (groups: {found}); pass one of them")
+    base = matches[0]
+    target, target_source = choose_target(groups, base, target)
+    rows = build_rows(groups, base, target, crossing_mode, x)
+    table = main_table(rows, base)
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves(groups, target, "tokens", out / PLOTS["tokens"])
+    plot_curves(groups, target, "time", out / PLOTS["time"])
+    plot_sensitivity(groups, out / PLOTS["lr"])
+    root = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+    statuses = {s: sum(r.status == s for r in runs) for s in ("done", "diverged", "stopped", "running")}
+    target_text = f"{target:.4f}" if target is not None else "none"
+    header = [
+        f"{len(runs)} runs under `{root}`: " + ", ".join(f"{n} {s}" for s, n in statuses.items()) + ".",
+        f"Baseline: **{base.label}**. Target val loss: **{target_text}** ({target_source}).",
+    ]
+    (out / "report.md").write_text(report_markdown(header, table, groups, runs, base, root, crossing_mode, x))
     summary = f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in statuses.items() if n)
     return f"{summary}; baseline {base.label}; target {target_text} ({target_source})\n\n{table}"
 
@@ -760,6 +781,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading was checked file by file: this is the report directory
+        print(f"error: cannot write the report to {args.out}: {e.strerror or e}; pass another --out", file=sys.stderr)
         return 2
     print(table)
     print(f"\nreport: {args.out / 'report.md'}")

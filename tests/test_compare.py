@@ -292,10 +292,17 @@ def test_cli_help_and_bad_paths_in_a_subprocess(tmp_path: Path):
         assert proc.stderr.startswith("error: ") and fragment in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_an_unwritable_report_directory_is_a_one_line_error(sweep: Path, tmp_path: Path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main([str(sweep), "--out", str(tmp_path / "file" / "report")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot write the report to") and error.count("\n") == 1
+
+
 def test_unknown_baseline_is_a_one_line_error(sweep: Path, tmp_path: Path, capsys):
     assert main([str(sweep), "--baseline", "lion", "--out", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err
-    assert "--baseline lion: no runs of it" in error and "adamw; muon" in error
+    assert "--baseline lion: no group matches it" in error and "adamw; muon" in error
 
 
 # ------------------------------------------------------------------------------------- a real tiny sweep
