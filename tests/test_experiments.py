@@ -67,11 +67,9 @@ def test_every_family_has_a_recipe_per_optimizer():
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_composes_and_passes_the_config_checks(name):
-    cfg, _ = compose_recipe(name)
-    assert cfg.optimizer["name"] == name.split("/")[1]
-    family = name.split("/")[0]
-    parallel = ["parallelism=ddp"] if family == "speedrun_gpt2_124m" else []
-    cfg, _ = compose_recipe(name, *parallel)
+    family, optimizer = name.split("/")
+    cfg, _ = compose_recipe(name, *(["parallelism=ddp"] if family == "speedrun_gpt2_124m" else []))
+    assert cfg.optimizer["name"] == optimizer
     check_config(cfg, world_size=WORLD[family])
     check_data_config(cfg.data)
 
