@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 import eopt
-from recipes import parallel
+from recipes import metrics, parallel
 from recipes.checkpoint import Checkpointer
 from recipes.config import Config
 from recipes.data import TrainBatches, check_vocab_fits, read_meta, val_batches
@@ -275,7 +275,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     }
     if plan.max_steps == 0:
         if world.main:
-            write_json_atomic(run_dir / "summary.json", summary)
+            write_json_atomic(run_dir / metrics.SUMMARY_FILE, summary)
         return summary
 
     optimizer = build_optimizer(model, cfg.optimizer, tokens_per_step=plan.tokens_per_step)
@@ -333,7 +333,14 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
 
     def run_eval() -> float:
         val_loss = evaluator.evaluate()
-        log.log({"step": state.step, "tokens": state.tokens, "time": state.train_time, "val/loss": val_loss})
+        log.log(
+            {
+                metrics.STEP: state.step,
+                metrics.TOKENS: state.tokens,
+                metrics.TIME: state.train_time,
+                metrics.VAL_LOSS: val_loss,
+            }
+        )
         log.print(f"step {state.step:>6} | val/loss {val_loss:.4f}")
         if state.steps_to_target is None and evaluator.reached(val_loss):
             state.steps_to_target, state.tokens_to_target = state.step, state.tokens
@@ -344,7 +351,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     if state.step >= plan.max_steps or state.steps_to_target is not None:
         log.print(f"{run_dir} is already complete (step {state.step}): nothing to do")
         log.close()
-        done = run_dir / "summary.json"
+        done = run_dir / metrics.SUMMARY_FILE
         return parallel.decided_once(lambda: json.loads(done.read_text()) if done.exists() else summary)
     val_loss = run_eval() if state.step == 0 else None
     log.start(state.tokens, state.train_time)
@@ -378,16 +385,17 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
                 **lrs,
                 **{f"optim/{k}": v.item() for k, v in optimizer.metrics().items()},
             )
-            if not (math.isfinite(record["train/loss_avg"]) and math.isfinite(record["grad_norm_avg"])):
+            if peak is not None:
+                record[metrics.MFU] = flops * record[metrics.TOKENS_PER_S] / (peak * world.world_size)
+            log.write_train(record)  # a non-finite record too: the run files show where the run diverged
+            if not (math.isfinite(record[metrics.TRAIN_LOSS_AVG]) and math.isfinite(record[metrics.GRAD_NORM_AVG])):
+                log.close()
                 raise parallel.on_every_rank(
                     TrainingError(
                         f"non-finite loss or gradient by step {state.step}: lower optimizer.lr or set "
                         f"train.grad_clip; the checkpoints in {checkpointer.directory} are from before it and intact"
                     )
                 )
-            if peak is not None:
-                record["mfu"] = flops * record["tokens_per_s"] / (peak * world.world_size)
-            log.write_train(record)
         if evaluator.due(state.step, last):
             val_loss = run_eval()
         checkpointer.maybe_save(state.step, lambda: asdict(state), stop=stopping)
@@ -404,20 +412,20 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     log.close()
     summary.update(
         {
-            "final_val_loss": val_loss,
-            "tokens": state.tokens,
-            "train_time_s": state.train_time,
-            "steps": state.step,
-            "target_val_loss": t.target_val_loss,
-            "tokens_to_target": state.tokens_to_target,
-            "time_to_target_s": state.time_to_target,
-            "steps_to_target": state.steps_to_target,
-            "tokens_per_step": plan.tokens_per_step,
+            metrics.FINAL_VAL_LOSS: val_loss,
+            metrics.TOKENS: state.tokens,
+            metrics.TRAIN_TIME_S: state.train_time,
+            metrics.STEPS: state.step,
+            metrics.TARGET_VAL_LOSS: t.target_val_loss,
+            metrics.TOKENS_TO_TARGET: state.tokens_to_target,
+            metrics.TIME_TO_TARGET_S: state.time_to_target,
+            metrics.STEPS_TO_TARGET: state.steps_to_target,
+            metrics.TOKENS_PER_STEP: plan.tokens_per_step,
         }
     )
     state_bytes = eopt.state_bytes(optimizer)
-    summary["optim/state_bytes"] = int(parallel.reduced([state_bytes], "max")[0])
-    summary["optim/state_bytes_total"] = int(parallel.reduced([state_bytes])[0])
+    summary[metrics.STATE_BYTES] = int(parallel.reduced([state_bytes], "max")[0])
+    summary[metrics.STATE_BYTES_TOTAL] = int(parallel.reduced([state_bytes])[0])
     if world.main:
-        write_json_atomic(run_dir / "summary.json", summary)
+        write_json_atomic(run_dir / metrics.SUMMARY_FILE, summary)
     return summary
