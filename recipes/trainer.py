@@ -120,7 +120,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if t.target_val_loss is not None and t.target_val_loss <= 0:
         raise ConfigError(f"train.target_val_loss={t.target_val_loss} must be > 0, or null")
     check_model_config(cfg.model)
-    check_optimizer(cfg.optimizer)
+    check_optimizer(cfg.optimizer, cfg.parallelism.matrix_update)
     check_hessian_config(cfg, world_size)
     check_schedule(cfg.schedule)
 
@@ -278,7 +278,9 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
             write_json_atomic(run_dir / metrics.SUMMARY_FILE, summary)
         return summary
 
-    optimizer = build_optimizer(model, cfg.optimizer, tokens_per_step=plan.tokens_per_step)
+    optimizer = build_optimizer(
+        model, cfg.optimizer, tokens_per_step=plan.tokens_per_step, matrix_update=cfg.parallelism.matrix_update
+    )
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.max_steps)
     batches = TrainBatches(
         data_dir,
@@ -328,6 +330,11 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         f"{plan.tokens_per_step:,} tokens | {plan.device} {str(plan.amp_dtype or torch.float32)[6:]} | "
         f"{par.describe()} | {run_dir}"
     )
+    for owned in getattr(optimizer, "plan", list)():
+        log.print(
+            f"matrix_update=owner ({owned['role']}): {owned['units']} matrices over {owned['ranks']} ranks, "
+            f"busiest rank {owned['balance']:.2f}x the mean Newton-Schulz FLOPs"
+        )
     if resumed:
         log.print(f"resumed from {resumed[0].name} (step {state.step})")
 
