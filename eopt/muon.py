@@ -195,6 +195,7 @@ class Muon(Optimizer):
         matrix_update: str = "owner",
     ) -> None:
         self._plans: dict[tuple[int, ...], Plan] = {}
+        self._loads: list[float] = []  # each rank's Newton–Schulz FLOPs over the plans so far
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -278,6 +279,8 @@ class Muon(Optimizer):
         ranks = ranks_of(params[0]) if params and group["matrix_update"] == "owner" else None
         if ranks is None:
             return None
+        if not self._loads:
+            self._loads = [0.0] * ranks.size
         plan = Plan(
             [p.shape for p in params],
             [newton_schulz_flops(group, p.shape) for p in params],
@@ -285,24 +288,37 @@ class Muon(Optimizer):
             ranks,
             params[0].dtype,
             params[0].device,
+            self._loads,
         )
         self._plans[tuple(id(p) for p in params)] = plan
         return plan
 
-    def plan(self) -> list[dict]:
-        """The owner plan of each Muon group under ``matrix_update="owner"`` on several ranks (empty otherwise):
-        the group's role, :meth:`eopt.owner.Plan.summary` and which rank owns each parameter (by name when the
-        group has ``param_names``)."""
-        described = []
+    def plan(self) -> dict:
+        """The owner plan under ``matrix_update="owner"`` on several ranks (empty otherwise): ``units`` (matrices),
+        ``ranks``, ``balance`` (the busiest rank's Newton–Schulz FLOPs over the mean; 1.0 is perfect),
+        ``max_state_bytes`` / ``total_state_bytes`` (owner-only state: NorMuon/AdaMuon second moments) and
+        ``owners`` (each parameter's rank, by name when the group has ``param_names``)."""
+        flops, held, owners = [], [], {}
         for group in self.param_groups:
             plan = self._plans.get(tuple(id(p) for p in group["params"]))
             if plan is None:
                 continue
-            names = group.get("param_names") or [str(i) for i in range(len(plan.owners))]
-            described.append(
-                {"role": group.get("role"), **plan.summary(), "owners": dict(zip(names, plan.owners, strict=True))}
-            )
-        return described
+            group_flops, group_held = plan.loads()
+            flops = [a + b for a, b in zip(flops or [0.0] * len(group_flops), group_flops, strict=True)]
+            held = [a + b for a, b in zip(held or [0] * len(group_held), group_held, strict=True)]
+            names = group.get("param_names") or [f"{len(owners) + i}" for i in range(len(plan.owners))]
+            owners.update(zip(names, plan.owners, strict=True))
+        if not owners:
+            return {}
+        mean = sum(flops) / len(flops)
+        return {
+            "units": len(owners),
+            "ranks": len(flops),
+            "balance": max(flops) / mean if mean else 1.0,
+            "max_state_bytes": max(held),
+            "total_state_bytes": sum(held),
+            "owners": owners,
+        }
 
     def _step_group(self, group: dict) -> None:
         params = params_with_grad(group)

@@ -7,7 +7,8 @@ param group gets a :class:`Plan`, built once and identically on every rank witho
 - **Units and costs.** A unit is one parameter (all its ``split_qkv`` pieces); its cost is the FLOPs of its
   matrix work (e.g. Newton–Schulz on each piece) and its state bytes are what only the owner holds.
 - **Assignment.** Greedy longest-processing-time: units in order of decreasing cost (ties by position) each
-  go to the least-loaded rank (ties to the lowest), over *all* ranks: the shard ranks of FSDP2, the
+  go to the least-loaded rank (ties to the lowest; loads carried from one group to the next, so the
+  optimizer's matrices are balanced as a whole), over *all* ranks: the shard ranks of FSDP2, the
   replicate x shard ranks of HSDP (so no replica repeats another's work) and the ranks of DDP.
 - **Gather** (:meth:`Plan.gather`). Under FSDP2/HSDP the ranks of the owner's shard group send it their rows of
   the unit's input in one ``all_to_all_single`` with uneven splits (never ``full_tensor()``, which would send
@@ -87,16 +88,17 @@ def ranks_of(p: torch.Tensor) -> Ranks | None:
     return None
 
 
-def assign(costs: Sequence[float], n_ranks: int) -> list[int]:
-    """The owner rank of each unit: greedy longest-processing-time balancing of ``costs`` over ``n_ranks``.
+def assign(costs: Sequence[float], loads: list[float]) -> list[int]:
+    """The owner rank of each unit: greedy longest-processing-time balancing of ``costs`` over ``len(loads)`` ranks.
 
-    Deterministic (units by decreasing cost, ties by index; each to the least-loaded rank, ties to the lowest
-    rank), so every rank computes the same assignment without communicating.
+    ``loads`` are the ranks' loads so far (the plans of earlier param groups), updated in place, so that
+    consecutive groups balance the optimizer's total. Deterministic (units by decreasing cost, ties by index;
+    each to the least-loaded rank, ties to the lowest rank), so every rank computes the same assignment without
+    communicating.
     """
-    loads = [0.0] * n_ranks
     owners = [0] * len(costs)
     for unit in sorted(range(len(costs)), key=lambda u: (-costs[u], u)):
-        rank = min(range(n_ranks), key=lambda r: (loads[r], r))
+        rank = min(range(len(loads)), key=lambda r: (loads[r], r))
         owners[unit] = rank
         loads[rank] += costs[unit]
     return owners
@@ -117,6 +119,8 @@ class Plan:
         state_bytes: the bytes of each unit's owner-only state (reported, not balanced).
         ranks: :func:`ranks_of` a parameter of the group.
         dtype, device: of the exchanged inputs and results (the parameters').
+        loads: the ranks' costs from the plans of the optimizer's earlier groups (updated in place), so that
+            the assignment balances all the optimizer's matrices, not each group on its own.
     """
 
     def __init__(
@@ -127,35 +131,26 @@ class Plan:
         ranks: Ranks,
         dtype: torch.dtype,
         device: torch.device,
+        loads: list[float],
     ) -> None:
         self.shapes = [torch.Size(s) for s in shapes]
         self.costs = list(costs)
         self.state_bytes = list(state_bytes)
         self.ranks = ranks
         self.dtype, self.device = dtype, device
-        self.owners = assign(self.costs, ranks.size)
+        self.owners = assign(self.costs, loads)
 
     def owns(self, unit: int) -> bool:
         """Whether this rank computes ``unit``."""
         return self.owners[unit] == self.ranks.rank
 
-    def summary(self) -> dict[str, float]:
-        """The plan at a glance: units, ranks, balance (max / mean FLOPs per rank; 1.0 is perfect), the FLOPs
-        and owner-only state bytes of the busiest rank, and the owner-only state bytes of all ranks."""
-        loads = [0.0] * self.ranks.size
-        held = [0] * self.ranks.size
+    def loads(self) -> tuple[list[float], list[int]]:
+        """This group's matrix-work FLOPs and owner-only state bytes on each rank."""
+        flops, held = [0.0] * self.ranks.size, [0] * self.ranks.size
         for unit, owner in enumerate(self.owners):
-            loads[owner] += self.costs[unit]
+            flops[owner] += self.costs[unit]
             held[owner] += self.state_bytes[unit]
-        mean = sum(loads) / len(loads)
-        return {
-            "units": len(self.owners),
-            "ranks": self.ranks.size,
-            "balance": max(loads) / mean if mean else 1.0,
-            "max_flops": max(loads),
-            "max_state_bytes": max(held),
-            "total_state_bytes": sum(held),
-        }
+        return flops, held
 
     def _numel(self, unit: int, shard: int) -> int:
         """Elements of ``unit`` held by shard rank ``shard``."""

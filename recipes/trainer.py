@@ -330,9 +330,10 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         f"{plan.tokens_per_step:,} tokens | {plan.device} {str(plan.amp_dtype or torch.float32)[6:]} | "
         f"{par.describe()} | {run_dir}"
     )
-    for owned in getattr(optimizer, "plan", list)():
+    owned = getattr(optimizer, "plan", dict)()
+    if owned:
         log.print(
-            f"matrix_update=owner ({owned['role']}): {owned['units']} matrices over {owned['ranks']} ranks, "
+            f"matrix_update=owner: {owned['units']} matrices over {owned['ranks']} ranks, "
             f"busiest rank {owned['balance']:.2f}x the mean Newton-Schulz FLOPs"
         )
     if resumed:

@@ -88,9 +88,9 @@ def _state_bytes(rank: int, world_size: int, kind: str) -> None:
     bound = 0.55 if kind == "fsdp" else (1 + 1 / world_size) / 2 + 0.05
     assert ratio <= bound, f"{kind} rank {rank}: Muon state {ratio:.2f}x one process (bound {bound:.2f})"
     plan = opt.plan()
-    assert len(plan) == 1 and plan[0]["balance"] == 1.0, plan
+    assert plan["units"] == len(EQUAL) and plan["ranks"] == world_size and plan["balance"] == 1.0, plan
     owners = [None] * world_size
-    dist.all_gather_object(owners, plan[0]["owners"])
+    dist.all_gather_object(owners, plan["owners"])
     assert all(o == owners[0] for o in owners), "the plan differs between ranks"
 
 
@@ -101,6 +101,9 @@ def test_owner_state_shrinks_with_the_ranks(kind, world_size):
 
 def test_assignment_is_longest_first_to_the_least_loaded_rank():
     # By hand: 9 -> 0, 7 -> 1, 6 -> 2, 5 -> 2 (11), 4 -> 1 (11), 4 -> 0 (13), 3 -> 1 (14); ties to the lower rank.
-    assert assign([9.0, 7.0, 6.0, 5.0, 4.0, 4.0, 3.0], 3) == [0, 1, 2, 2, 1, 0, 1]
-    assert assign([1.0, 1.0], 4) == [0, 1]
-    assert assign([2.0, 2.0, 2.0], 1) == [0, 0, 0]
+    loads = [0.0, 0.0, 0.0]
+    assert assign([9.0, 7.0, 6.0, 5.0, 4.0, 4.0, 3.0], loads) == [0, 1, 2, 2, 1, 0, 1]
+    assert loads == [13.0, 14.0, 11.0]
+    # The next group starts from those loads: 2 -> 2 (13), then the tie 13/13 goes to rank 0.
+    assert assign([2.0, 2.0], loads) == [2, 0]
+    assert assign([1.0, 1.0], [0.0] * 4) == [0, 1]
