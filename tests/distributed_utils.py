@@ -158,17 +158,6 @@ def optimizer_parity(
     return opt
 
 
-# A 2-layer Llama small enough for multi-process recipe runs on CPU (GQA: 2 query heads, 1 key/value head).
-TINY_LLAMA = [
-    "model=llama_tiny",
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "model.n_kv_head=1",
-    "model.intermediate_size=172",
-]
-
-
 def losses(run_dir: Path) -> dict[tuple[int, str], float]:
     """``{(step, "train/loss" | "val/loss"): value}`` of a run directory's ``metrics.jsonl``."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

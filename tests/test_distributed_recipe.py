@@ -33,7 +33,8 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.distributed_utils import TINY_LLAMA, losses, spawn
+from tests.distributed_utils import losses, spawn
+from tests.tiny import TINY_GPT2, TINY_LLAMA
 
 pytestmark = pytest.mark.distributed
 
@@ -44,7 +45,7 @@ VARIANTS = {
 }
 OPTIMIZERS = ("adamw", "muon", "soap", "shampoo", "adam_mini", "adafactor", "sophia", *VARIANTS)
 MODELS = {
-    "gpt2": ["model=gpt2_tiny", "model.n_layer=2", "model.hidden_size=64", "model.n_head=2"],
+    "gpt2": ["model=gpt2_tiny", *TINY_GPT2],
     "llama": TINY_LLAMA,
 }
 # Each optimizer's preconditioner refreshes (and Sophia's Hessian estimates) inside the six steps.
