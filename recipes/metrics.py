@@ -16,6 +16,7 @@ import netrc
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -106,35 +107,31 @@ class WandbSink:
             except Exception as e2:
                 self._warn(f"wandb.init failed ({_one_line(e2)}): logging to metrics.jsonl only")
                 return
-        self._call(self.run.define_metric, "tokens")
-        self._call(self.run.define_metric, "*", step_metric="tokens")
+        self._call(lambda run: run.define_metric("tokens"))
+        self._call(lambda run: run.define_metric("*", step_metric="tokens"))
         if mode == "offline" and self.run is not None:
             print(f"wandb: offline run; upload it with `wandb sync {Path(self.run.dir).parent}`", file=sys.stderr)
 
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
-    def _call(self, fn, *args: Any, **kwargs: Any) -> None:
-        """Call a wandb method; on the first failure warn once and stop using wandb."""
+    def _call(self, action: Callable[[Any], Any]) -> None:
+        """``action(run)``; on the first failure warn once and stop using wandb."""
         if self.run is None:
             return
         try:
-            fn(*args, **kwargs)
+            action(self.run)
         except Exception as e:
             self.run = None
             self._warn(f"wandb failed ({_one_line(e)}): logging to metrics.jsonl only from now on")
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.run is not None:
-            self._call(self.run.log, {k: v for k, v in record.items() if v is not None})
+        self._call(lambda run: run.log({k: v for k, v in record.items() if v is not None}))
 
     def finish(self, summary: dict[str, Any] | None) -> None:
-        if self.run is None:
-            return
         if summary:
-            self._call(self.run.summary.update, {k: v for k, v in summary.items() if v is not None})
-        if self.run is not None:
-            self._call(self.run.finish)
+            self._call(lambda run: run.summary.update({k: v for k, v in summary.items() if v is not None}))
+        self._call(lambda run: run.finish())
 
 
 def _one_line(e: BaseException) -> str:

@@ -320,7 +320,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     state = RunState(**resumed[1]["state"]) if resumed else RunState()
     between_steps = hessian_hook(forward, optimizer, batches, cfg, plan.device, plan.amp_dtype)
     wandb = None
-    if cfg.logger.name == "wandb" and world.main:
+    if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled" and world.main:
         tags = [cfg.optimizer["name"], cfg.model.name, cfg.data.name, cfg.parallelism.name]
         wandb = WandbSink(cfg.logger, run_dir, asdict(cfg), tags)
     log = MetricsLogger(

@@ -64,8 +64,10 @@ def slurm_env() -> dict[str, str]:
         assert stop.returncode == 0, stop.stderr
 
 
-def slurm(*command: str, env: dict[str, str]) -> str:
-    return subprocess.run(list(command), env=env, capture_output=True, text=True, check=True, timeout=60).stdout
+def slurm(*command: str, env: dict[str, str], cwd: Path | None = None) -> str:
+    proc = subprocess.run(list(command), env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def jsonl(run_dir: Path) -> list[dict]:
@@ -136,22 +138,57 @@ def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen) -> 
         time.sleep(0.5)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_losses(
-    slurm_env, pystdlib_data_root, tmp_path
-):
-    common = [f"data.root={pystdlib_data_root}", "optimizer=muon", "optimizer.lr=0.02", "train.max_steps=40"]
-    common += ["train.eval_every=10"]
-    reference = tmp_path / "reference"
-    straight = subprocess.run(
-        ["srun", "-n", "2", sys.executable, "train.py", *SMALL, *common, f"hydra.run.dir={reference}"],
+PREEMPTED = ["optimizer=muon", "optimizer.lr=0.02", "train.max_steps=40", "train.eval_every=10"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, pystdlib_data_root, tmp_path_factory) -> Path:
+    """The run the preempted ones must reproduce: the same config as 2 srun tasks, never signalled."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    command = [sys.executable, "train.py", *SMALL, f"data.root={pystdlib_data_root}", *PREEMPTED]
+    proc = subprocess.run(
+        ["srun", "-n", "2", *command, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
         env=slurm_env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert straight.returncode == 0, straight.stderr
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
 
+
+def assert_same_losses(run_dir: Path, reference: Path) -> None:
+    got, want = losses(run_dir), losses(reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == want[key], key
+
+
+def job_states(job: str, env: dict[str, str], timeout: float = 60) -> list[str]:
+    """The job's states in accounting, one per start, once the last start has ended (or ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = slurm("sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job, env=env).split()
+        if states[-1] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
+
+
+def release_when_requeued(job: str, env: dict[str, str], proc: subprocess.Popen | None = None) -> None:
+    """SLURM holds a requeued job for a while before it may start again (reason BeginTime); start it now."""
+    deadline = time.monotonic() + 120
+    while "BeginTime" not in slurm("squeue", "-h", "-j", job, "-o", "%r", env=env):
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the job was not requeued"
+        time.sleep(0.5)
+    slurm("scontrol", "update", f"JobId={job}", "StartTime=now", env=env)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_losses(
+    slurm_env, pystdlib_data_root, uninterrupted, tmp_path
+):
+    common = [f"data.root={pystdlib_data_root}", *PREEMPTED]
     env = {**slurm_env, "EOPT_SWEEP_ID": f"preemption-{os.getpid()}"}
     proc = sweep([*common, f"hydra.sweep.dir={tmp_path}/sweep"], env)
     name = "muon-lr0.02-n_layer2-hidden_size64-n_head2-seq_len32-batch_size4-micro_batch_size2-eval_tokens1024-"
@@ -165,12 +202,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_los
     job = slurm("squeue", "-h", "-n", f"eopt-preemption-{os.getpid()}", "-o", "%i", env=env).split()[0]
     slurm("scancel", "--signal=USR2", job, env=env)
 
-    # SLURM holds a requeued job for a while before it may start again; let it start now.
-    def requeued() -> bool:
-        return "BeginTime" in slurm("squeue", "-h", "-j", job, "-o", "%r", env=env)
-
-    wait_until(requeued, 120, "the job was not requeued", proc)
-    slurm("scontrol", "update", f"JobId={job}", "StartTime=now", env=env)
+    release_when_requeued(job, env, proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
 
@@ -185,15 +217,37 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_los
     assert f"resumed from step_{step:08d} (step {step})" in out_log
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{step:08d}", "step_00000040"]
 
-    # accounting records the end a moment after the results reach the launcher
-    def states() -> list[str]:
-        return slurm("sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job, env=env).split()
+    assert job_states(job, env) == ["REQUEUED", "COMPLETED"]
+    assert_same_losses(run_dir, uninterrupted)
 
-    deadline = time.monotonic() + 60
-    while states()[-1] != "COMPLETED" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert states() == ["REQUEUED", "COMPLETED"]
-    got, want = losses(run_dir), losses(reference)
-    assert got.keys() == want.keys()
-    for key in want:
-        assert got[key] == want[key], key
+
+def test_sbatch_template_requeues_on_the_time_limit_warning(slurm_env, pystdlib_data_root, uninterrupted, tmp_path):
+    """slurm/single_node.sbatch (torchrun, 2 processes, no GPU here) gets USR1 as --signal=B:USR1@N sends it."""
+    run_dir = tmp_path / "run"
+    env = {**slurm_env, "RUN_DIR": str(run_dir), "NPROC": "2"}
+    args = [*SMALL, f"data.root={pystdlib_data_root}", *PREEMPTED]
+    job = slurm(
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        f"--output={tmp_path}/%j.out",
+        "slurm/single_node.sbatch",
+        *args,
+        env=env,
+        cwd=REPO,
+    ).strip()
+    deadline = time.monotonic() + 600
+    while not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count("train/") < 5:
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.5)
+    slurm("scancel", "--signal=USR1", "--batch", job, env=env)
+    release_when_requeued(job, env)
+    assert job_states(job, env, timeout=600) == ["REQUEUED", "COMPLETED"]
+    log = (tmp_path / f"{job}.out").read_text()
+    stopped = re.search(r"stopped by signal 15 at step (\d+)", log)
+    assert stopped is not None, log
+    step = int(stopped.group(1))
+    assert f"resumed from step_{step:08d} (step {step})" in log
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{step:08d}", "step_00000040"]
+    assert_same_losses(run_dir, uninterrupted)

@@ -199,3 +199,13 @@ def test_a_failing_wandb_warns_once_and_stops_sending(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.count("warning: wandb failed (service down)") == 1, err
     assert sink.run is None
+
+
+def test_disabled_mode_keeps_wandb_out(pystdlib_data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"data.root={pystdlib_data_root}", *SMALL, "train.max_steps=1", "logger.mode=disabled"]
+    proc = train(*args, f"hydra.run.dir={run_dir}", env=wandb_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert len(jsonl(run_dir)) == 1 + 2
+    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_run_id").exists()
+    assert "wandb" not in proc.stderr
