@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from recipes import metrics
 from recipes.cli import format_user_error, is_user_error
 from recipes.config import register_configs, resolve_config
 from recipes.errors import RecipeError
@@ -64,8 +65,8 @@ def main(cfg: DictConfig) -> None:
         return
     if not world.main:
         return
-    if "final_val_loss" in summary:
-        loss, steps = summary["final_val_loss"], summary["steps"]
+    if metrics.FINAL_VAL_LOSS in summary:
+        loss, steps = summary[metrics.FINAL_VAL_LOSS], summary[metrics.STEPS]
         print(f"done: val/loss {loss:.4f} after {steps} steps; outputs in {summary['run_dir']}")
     else:
         print(f"{summary['model']}: {summary['params']:,} parameters; outputs in {summary['run_dir']}")

@@ -64,7 +64,7 @@ def bare_loop_tokens_per_s(cfg: Config, data_dir: Path, steps: int) -> float:
     )
     t = cfg.train
     batches = TrainBatches(
-        data_dir, seq_len=t.seq_len, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size, seed=cfg.seed
+        data_dir, seq_len=t.seq_len, batch_size=t.batch_size, micro_batch_size=t.micro_batch(1), seed=cfg.seed
     )
     start = time.perf_counter()
     for step in range(steps):

@@ -58,7 +58,7 @@ class TrainConfig:
     max_steps: int = 300
     max_tokens: int | None = None  # alternative budget: steps = ceil(max_tokens / tokens per step)
     batch_size: int = 16  # global, in sequences
-    micro_batch_size: int = 16  # per device; grad accumulation = batch_size / (micro_batch_size * world)
+    micro_batch_size: int | None = None  # per rank; null = batch_size / ranks (no accumulation)
     seq_len: int = 256
     grad_clip: float | None = 1.0
     eval_every: int = 50
@@ -72,6 +72,17 @@ class TrainConfig:
     dtype: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     save_model: bool = True  # export the final model with save_pretrained
+
+    def micro_batch(self, data_parallel: int) -> int:
+        """Sequences per forward/backward on one of ``data_parallel`` ranks: ``micro_batch_size``, or when it is
+        null the rank's whole share of the batch. Gradient accumulation = batch_size / (this x data_parallel)."""
+        return self.micro_batch_size or self.batch_size // data_parallel
+
+    @property
+    def fresh_batch(self) -> int:
+        """Global sequences of the fresh micro-batch of an estimator between steps (Sophia's Hessian), split
+        over the ranks: ``micro_batch_size``, or ``batch_size`` when it is null, so the same at any world size."""
+        return self.micro_batch_size or self.batch_size
 
 
 @dataclass

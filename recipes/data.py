@@ -170,6 +170,7 @@ class TrainBatches:
         seq_len: tokens per sequence.
         batch_size: sequences per optimizer step, over all ranks.
         micro_batch_size: sequences per forward/backward on one rank.
+        fresh_batch_size: global sequences of a :meth:`fresh_micro_batch` (default ``micro_batch_size``).
         rank, world_size: this process's slice of every global batch.
         seed: selects the per-epoch permutations of the windows.
     """
@@ -181,6 +182,7 @@ class TrainBatches:
         seq_len: int,
         batch_size: int,
         micro_batch_size: int,
+        fresh_batch_size: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
@@ -198,6 +200,7 @@ class TrainBatches:
         self.data_dir = Path(data_dir)
         self.meta = read_meta(self.data_dir)
         self.seq_len, self.batch_size, self.micro_batch_size = seq_len, batch_size, micro_batch_size
+        self.fresh_batch_size = fresh_batch_size or micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self._shards = _split_shards(self.data_dir, self.meta, "train")
         counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self._shards], dtype=np.int64)
@@ -248,26 +251,26 @@ class TrainBatches:
         return list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size), strict=True))
 
     def fresh_rows(self) -> range:
-        """The positions ``0 .. micro_batch_size - 1`` of a fresh global micro-batch that this rank holds: the
-        ``r``-th contiguous block of ``micro_batch_size / R``."""
-        if self.micro_batch_size % self.world_size:
+        """The positions ``0 .. fresh_batch_size - 1`` of a fresh global micro-batch that this rank holds: the
+        ``r``-th contiguous block of ``fresh_batch_size / R``."""
+        if self.fresh_batch_size % self.world_size:
             raise ConfigError(
-                f"train.micro_batch_size={self.micro_batch_size} is not divisible by {self.world_size} ranks, so "
-                f"the fresh micro-batch cannot be split evenly; make it a multiple of {self.world_size}"
+                f"the fresh micro-batch of {self.fresh_batch_size} sequences is not divisible by {self.world_size} "
+                f"ranks, so it cannot be split evenly; make train.micro_batch_size a multiple of {self.world_size}"
             )
-        share = self.micro_batch_size // self.world_size
+        share = self.fresh_batch_size // self.world_size
         return range(self.rank * share, (self.rank + 1) * share)
 
     def fresh_micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of one global micro-batch from an independent seeded stream over the train windows.
 
         For estimators that need a batch the step's gradient did not see (Sophia's Hessian estimate): it never
-        shifts the training order. The global micro-batch of ``step`` is samples ``step * micro_batch_size ..
-        (step + 1) * micro_batch_size - 1`` of that stream, a pure function of ``(seed, step, micro_batch_size)``
+        shifts the training order. The global micro-batch of ``step`` is samples ``step * fresh_batch_size ..
+        (step + 1) * fresh_batch_size - 1`` of that stream, a pure function of ``(seed, step, fresh_batch_size)``
         whatever the number of ranks; rank ``r`` takes the rows :meth:`fresh_rows`.
         """
         rows = self.fresh_rows()
-        return self._samples(_FRESH_STREAM, step * self.micro_batch_size + rows.start, len(rows))
+        return self._samples(_FRESH_STREAM, step * self.fresh_batch_size + rows.start, len(rows))
 
 
 def val_batches(

@@ -17,15 +17,15 @@ context. Both functions leave every ``.grad`` at ``None``. The trainer calls :fu
 every optimizer step, and :func:`check_hessian_config` at start-up.
 
 Distributed runs (DDP, FSDP2, HSDP) estimate exactly what one process does. The Hessian batch of step ``s`` is
-one global micro-batch (``train.micro_batch_size`` sequences of the fresh stream,
-:meth:`recipes.data.TrainBatches.fresh_micro_batch`) split evenly over the ranks, and GNB draws the labels of
-each sequence from its own generator, seeded by ``(seed, s, position of the sequence in the global batch)``,
-so that R ranks draw what one process draws. Each rank's loss is the mean over its equal share, so the
+one global micro-batch (``train.micro_batch_size`` sequences of the fresh stream, ``train.batch_size`` when that
+is null; :meth:`recipes.data.TrainBatches.fresh_micro_batch`) split evenly over the ranks, and GNB draws the
+labels of each sequence from its own generator, seeded by ``(seed, s, position of the sequence in the global
+batch)``, so that R ranks draw what one process draws. Each rank's loss is the mean over its equal share, so the
 data-parallel mean of the ranks' gradients (DDP's all-reduce, FSDP2's reduce-scatter and HSDP's all-reduce) is
 ``g_hat`` of the mean loss over the global batch, clipped by its global norm. Hutchinson draws the probe ``u``
-from one generator seeded by ``(seed, s)``, the same on every rank, and averages ``u * (H_r u)`` over the
-ranks, which is ``u * (H u)`` of the global mean loss; its double backward does not run through FSDP2, so it
-is refused on sharded runs.
+from one generator seeded by ``(seed, s)``, the same on every rank, and averages ``u * (H_r u)`` over the ranks,
+which is ``u * (H u)`` of the global mean loss; its double backward does not run through FSDP2, so it is refused
+on sharded runs.
 """
 
 from __future__ import annotations
@@ -254,10 +254,11 @@ def check_hessian_config(cfg: Config, world_size: int) -> None:
             f"optimizer.estimator=hutchinson cannot run with parallelism={cfg.parallelism.name}: its double "
             "backward does not go through FSDP2's sharded parameters; use optimizer.estimator=gnb or parallelism=ddp"
         )
-    mbs = cfg.train.micro_batch_size
-    if mbs % world_size:
+    fresh = cfg.train.fresh_batch
+    if fresh % world_size:
+        key = "micro_batch_size" if cfg.train.micro_batch_size else "batch_size"
         raise ConfigError(
-            f"train.micro_batch_size={mbs} is not divisible by {world_size} ranks: {name}'s Hessian estimate "
-            f"splits one micro-batch of train.micro_batch_size sequences over the ranks; make it a multiple of "
-            f"{world_size}"
+            f"train.{key}={fresh} is not divisible by {world_size} ranks: {name}'s Hessian estimate splits one "
+            f"micro-batch of train.micro_batch_size sequences (train.batch_size when it is null) over the ranks; "
+            f"make it a multiple of {world_size}"
         )

@@ -27,6 +27,36 @@ from tqdm import tqdm
 from recipes import parallel
 from recipes.config import LoggerConfig
 
+# The run-file schema, written by the trainer and read by ``recipes.compare``: one place for every name, so the
+# writer and the reader cannot drift apart.
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+# metrics.jsonl records: every record has STEP, TOKENS (cumulative) and TIME (train seconds, eval excluded);
+# train records add the rest, eval records VAL_LOSS.
+STEP = "step"
+TOKENS = "tokens"
+TIME = "time"
+TRAIN_LOSS = "train/loss"  # the last step of the window
+TRAIN_LOSS_AVG = "train/loss_avg"  # the mean over the window's steps
+VAL_LOSS = "val/loss"
+GRAD_NORM = "grad_norm"
+GRAD_NORM_AVG = "grad_norm_avg"
+TOKENS_PER_S = "tokens_per_s"
+OPTIM_STEP_MS = "optim/step_ms"  # optimizer.step() of the window's last step, slowest rank
+STATE_BYTES = "optim/state_bytes"  # optimizer state on the largest rank
+STATE_BYTES_TOTAL = "optim/state_bytes_total"  # summed over ranks
+PEAK_BYTES = "mem/peak_bytes"
+MFU = "mfu"
+# summary.json (also STATE_BYTES, STATE_BYTES_TOTAL, TOKENS)
+FINAL_VAL_LOSS = "final_val_loss"
+TRAIN_TIME_S = "train_time_s"
+STEPS = "steps"
+TOKENS_PER_STEP = "tokens_per_step"
+TARGET_VAL_LOSS = "target_val_loss"
+STEPS_TO_TARGET = "steps_to_target"
+TOKENS_TO_TARGET = "tokens_to_target"
+TIME_TO_TARGET_S = "time_to_target_s"
+
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temp file and a rename, so a reader never sees half a file."""
@@ -156,7 +186,7 @@ class MetricsLogger:
         main: bool = True,
         wandb: WandbSink | None = None,
     ) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.main = main
         self.wandb = wandb if main else None
         self.enabled = cfg.jsonl and main
@@ -203,18 +233,18 @@ class MetricsLogger:
         )
         elapsed = max(train_time - self._window_start[1], 1e-9)
         record = {
-            "step": step,
-            "tokens": tokens,
-            "time": train_time,
-            "train/loss": last_loss,
-            "train/loss_avg": loss_sum / self._window_steps,
-            "grad_norm": values.pop("grad_norm").item(),
-            "grad_norm_avg": norm_sum / self._window_steps,
-            "tokens_per_s": (tokens - self._window_start[0]) / elapsed,
-            "optim/step_ms": optim_seconds * 1e3,
-            "optim/state_bytes": int(state),
-            "optim/state_bytes_total": int(total_state),
-            "mem/peak_bytes": int(peak),
+            STEP: step,
+            TOKENS: tokens,
+            TIME: train_time,
+            TRAIN_LOSS: last_loss,
+            TRAIN_LOSS_AVG: loss_sum / self._window_steps,
+            GRAD_NORM: values.pop("grad_norm").item(),
+            GRAD_NORM_AVG: norm_sum / self._window_steps,
+            TOKENS_PER_S: (tokens - self._window_start[0]) / elapsed,
+            OPTIM_STEP_MS: optim_seconds * 1e3,
+            STATE_BYTES: int(state),
+            STATE_BYTES_TOTAL: int(total_state),
+            PEAK_BYTES: int(peak),
             **values,
         }
         self._logged_steps = self._window_steps
@@ -224,11 +254,11 @@ class MetricsLogger:
     def write_train(self, record: dict[str, Any]) -> None:
         """Write a :meth:`train_record`, move the progress bar, and print a line when there is no bar (rank 0)."""
         self.log(record)
-        self.advance(self._logged_steps, loss=record["train/loss"])
+        self.advance(self._logged_steps, loss=record[TRAIN_LOSS])
         if not self.interactive:
             self.print(
-                f"step {record['step']:>6} | loss {record['train/loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
-                f"optim {record['optim/step_ms']:.1f} ms"
+                f"step {record[STEP]:>6} | loss {record[TRAIN_LOSS]:.4f} | {record[TOKENS_PER_S]:,.0f} tok/s | "
+                f"optim {record[OPTIM_STEP_MS]:.1f} ms"
             )
 
     def _truncate_after(self, step: int) -> None:
@@ -240,14 +270,14 @@ class MetricsLogger:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed process
-            if record.get("step", 0) <= step:
+            if record.get(STEP, 0) <= step:
                 kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` to ``metrics.jsonl`` and send it to wandb (rank 0)."""
+        """Append ``record`` to :data:`METRICS_FILE` and send it to wandb (rank 0)."""
         record = {k: _clean(v) for k, v in record.items()}
         if self.enabled:
             self._file.write(json.dumps(record) + "\n")

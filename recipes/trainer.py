@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 import eopt
-from recipes import parallel
+from recipes import metrics, parallel
 from recipes.checkpoint import Checkpointer
 from recipes.config import Config
 from recipes.data import TrainBatches, check_vocab_fits, read_meta, val_batches
@@ -65,6 +65,7 @@ class Plan:
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
     vocab_size: int
+    micro_batch_size: int  # per rank
     accum_steps: int
     tokens_per_step: int
     max_steps: int
@@ -91,7 +92,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype={t.dtype!r} must be auto, fp32 or bf16")
     for key in ("batch_size", "micro_batch_size", "seq_len", "eval_every", "log_every"):
-        if getattr(t, key) <= 0:
+        if getattr(t, key) is not None and getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
     if t.max_steps < 0 or (t.max_tokens is not None and t.max_tokens <= 0):
         raise ConfigError("train.max_steps must be >= 0 and train.max_tokens > 0 (or null)")
@@ -101,7 +102,12 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be > 0, or null to disable clipping")
-    if t.batch_size % (t.micro_batch_size * world_size):
+    if t.micro_batch_size is None and t.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by {world_size} data-parallel ranks: make the "
+            f"global batch a multiple of {world_size}"
+        )
+    if t.micro_batch_size is not None and t.batch_size % (t.micro_batch_size * world_size):
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size} x "
             f"{world_size} data-parallel rank(s): make the global batch a multiple of {t.micro_batch_size * world_size}"
@@ -137,8 +143,10 @@ def plan_run(cfg: Config, meta: dict[str, Any], device: torch.device, world_size
     check_vocab_fits(meta, vocab_size)
     tokens_per_step = t.batch_size * t.seq_len
     max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens is not None else t.max_steps
-    accum_steps = t.batch_size // (t.micro_batch_size * world_size)
-    return Plan(device, dtype if dtype != torch.float32 else None, vocab_size, accum_steps, tokens_per_step, max_steps)
+    micro_batch = t.micro_batch(world_size)
+    accum_steps = t.batch_size // (micro_batch * world_size)
+    amp_dtype = dtype if dtype != torch.float32 else None
+    return Plan(device, amp_dtype, vocab_size, micro_batch, accum_steps, tokens_per_step, max_steps)
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
@@ -250,7 +258,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         raise parallel.on_every_rank(e) from e.__cause__
     par = parallel.init(cfg.parallelism, device_kind(cfg))
     try:
-        return _train(cfg, shared_run_dir(run_dir), par)
+        result = _train(cfg, shared_run_dir(run_dir), par)
+        parallel.barrier()  # no rank tears down its connections while another is still in its last collective
+        return result
     finally:
         parallel.destroy()
 
@@ -276,7 +286,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     }
     if plan.max_steps == 0:
         if world.main:
-            write_json_atomic(run_dir / "summary.json", summary)
+            write_json_atomic(run_dir / metrics.SUMMARY_FILE, summary)
         return summary
 
     optimizer = build_optimizer(model, cfg.optimizer, tokens_per_step=plan.tokens_per_step)
@@ -285,7 +295,8 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         data_dir,
         seq_len=t.seq_len,
         batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size,
+        micro_batch_size=plan.micro_batch_size,
+        fresh_batch_size=t.fresh_batch,
         rank=world.rank,
         world_size=world.world_size,
         seed=cfg.seed,
@@ -296,7 +307,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
             data_dir,
             eval_tokens=t.eval_tokens,
             seq_len=t.seq_len,
-            micro_batch_size=t.micro_batch_size,
+            micro_batch_size=plan.micro_batch_size,
             rank=world.rank,
             world_size=world.world_size,
         ),
@@ -339,7 +350,14 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
 
     def run_eval() -> float:
         val_loss = evaluator.evaluate()
-        log.log({"step": state.step, "tokens": state.tokens, "time": state.train_time, "val/loss": val_loss})
+        log.log(
+            {
+                metrics.STEP: state.step,
+                metrics.TOKENS: state.tokens,
+                metrics.TIME: state.train_time,
+                metrics.VAL_LOSS: val_loss,
+            }
+        )
         log.print(f"step {state.step:>6} | val/loss {val_loss:.4f}")
         if state.steps_to_target is None and evaluator.reached(val_loss):
             state.steps_to_target, state.tokens_to_target = state.step, state.tokens
@@ -350,7 +368,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     if state.step >= plan.max_steps or state.steps_to_target is not None:
         stop.restore()
         log.print(f"{run_dir} is already complete (step {state.step}): nothing to do")
-        done = run_dir / "summary.json"
+        done = run_dir / metrics.SUMMARY_FILE
         summary = parallel.decided_once(lambda: json.loads(done.read_text()) if done.exists() else summary)
         log.close(summary)
         return summary
@@ -386,16 +404,17 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
                 **lrs,
                 **{f"optim/{k}": v.item() for k, v in optimizer.metrics().items()},
             )
-            if not (math.isfinite(record["train/loss_avg"]) and math.isfinite(record["grad_norm_avg"])):
+            if peak is not None:
+                record[metrics.MFU] = flops * record[metrics.TOKENS_PER_S] / (peak * world.world_size)
+            log.write_train(record)  # a non-finite record too: the run files show where the run diverged
+            if not (math.isfinite(record[metrics.TRAIN_LOSS_AVG]) and math.isfinite(record[metrics.GRAD_NORM_AVG])):
+                log.close()
                 raise parallel.on_every_rank(
                     TrainingError(
                         f"non-finite loss or gradient by step {state.step}: lower optimizer.lr or set "
                         f"train.grad_clip; the checkpoints in {checkpointer.directory} are from before it and intact"
                     )
                 )
-            if peak is not None:
-                record["mfu"] = flops * record["tokens_per_s"] / (peak * world.world_size)
-            log.write_train(record)
         if evaluator.due(state.step, last):
             val_loss = run_eval()
         checkpointer.maybe_save(state.step, lambda: asdict(state), stop=stopping)
@@ -413,21 +432,21 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         export_model(model, data_dir, run_dir / "model", par)
     summary.update(
         {
-            "final_val_loss": val_loss,
-            "tokens": state.tokens,
-            "train_time_s": state.train_time,
-            "steps": state.step,
-            "target_val_loss": t.target_val_loss,
-            "tokens_to_target": state.tokens_to_target,
-            "time_to_target_s": state.time_to_target,
-            "steps_to_target": state.steps_to_target,
-            "tokens_per_step": plan.tokens_per_step,
+            metrics.FINAL_VAL_LOSS: val_loss,
+            metrics.TOKENS: state.tokens,
+            metrics.TRAIN_TIME_S: state.train_time,
+            metrics.STEPS: state.step,
+            metrics.TARGET_VAL_LOSS: t.target_val_loss,
+            metrics.TOKENS_TO_TARGET: state.tokens_to_target,
+            metrics.TIME_TO_TARGET_S: state.time_to_target,
+            metrics.STEPS_TO_TARGET: state.steps_to_target,
+            metrics.TOKENS_PER_STEP: plan.tokens_per_step,
         }
     )
     state_bytes = eopt.state_bytes(optimizer)
-    summary["optim/state_bytes"] = int(parallel.reduced([state_bytes], "max")[0])
-    summary["optim/state_bytes_total"] = int(parallel.reduced([state_bytes])[0])
+    summary[metrics.STATE_BYTES] = int(parallel.reduced([state_bytes], "max")[0])
+    summary[metrics.STATE_BYTES_TOTAL] = int(parallel.reduced([state_bytes])[0])
     if world.main:
-        write_json_atomic(run_dir / "summary.json", summary)
+        write_json_atomic(run_dir / metrics.SUMMARY_FILE, summary)
     log.close(summary)
     return summary

@@ -10,6 +10,7 @@ holds its own oracle).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -39,6 +40,7 @@ def _worker(rank: int, world_size: int, port: int, errors: str, fn: Callable, ar
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears down its connections while another is still in its last collective
     except BaseException:
         Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -144,3 +146,20 @@ def optimizer_parity(
             assert err <= rtol, f"{name} {kind} rank {rank} step {step} {key}: relative error {err:.3g} > {rtol}"
     missing = [key for key, p in params.items() if not opt.state.get(p)]
     assert not missing, f"{name} {kind} rank {rank}: no optimizer state for {missing} (DCP needs an entry per param)"
+
+
+# A 2-layer Llama small enough for multi-process recipe runs on CPU (GQA: 2 query heads, 1 key/value head).
+TINY_LLAMA = [
+    "model=llama_tiny",
+    "model.n_layer=2",
+    "model.hidden_size=64",
+    "model.n_head=2",
+    "model.n_kv_head=1",
+    "model.intermediate_size=172",
+]
+
+
+def losses(run_dir: Path) -> dict[tuple[int, str], float]:
+    """``{(step, "train/loss" | "val/loss"): value}`` of a run directory's ``metrics.jsonl``."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], k): r[k] for r in records for k in ("train/loss", "val/loss") if k in r}

@@ -262,8 +262,10 @@ def test_non_finite_loss_stops_without_saving_a_bad_checkpoint(pystdlib_data_roo
     assert_one_line_error(proc, "non-finite")
     assert not (tmp_path / "summary.json").exists()
     steps = [int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step_*")]
-    finite = [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r and r["train/loss"] is not None]
+    train_records = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    finite = [r["step"] for r in train_records if r["train/loss"] is not None]
     assert all(step <= max(finite, default=0) for step in steps)
+    assert train_records[-1]["train/loss_avg"] is None  # the run files show where it diverged (recipes.compare)
 
 
 def test_checkpoint_from_another_model_is_refused_and_left_intact(pystdlib_data_root, tmp_path):

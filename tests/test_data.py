@@ -213,7 +213,7 @@ def test_fresh_micro_batches_are_an_independent_stream(positional):
     both = _starts([ranks[0].fresh_micro_batch(3)]) + _starts([ranks[1].fresh_micro_batch(3)])
     assert both == fresh[3] and len(set(both)) == 2
     odd = TrainBatches(positional, seq_len=L, batch_size=4, micro_batch_size=1, rank=1, world_size=2, seed=5)
-    with pytest.raises(ConfigError, match="micro_batch_size=1 is not divisible by 2 ranks"):
+    with pytest.raises(ConfigError, match="of 1 sequences is not divisible by 2 ranks"):
         odd.fresh_micro_batch(0)
 
 

@@ -3,7 +3,6 @@ a user types, stop signals on one rank, and ranks that die, hang or fail on thei
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,18 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed_utils import free_port
+from tests.distributed_utils import TINY_LLAMA, free_port, losses
 
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
-    "model=llama_tiny",
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "model.n_kv_head=1",
-    "model.intermediate_size=172",
+    *TINY_LLAMA,
     "train.seq_len=32",
     "train.batch_size=4",
     "train.micro_batch_size=2",
@@ -46,18 +40,20 @@ def popen(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def run_train(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a ``train.py`` command (one process or torchrun) to the end; it must succeed."""
+    proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
 
 
-def losses(run_dir: Path) -> dict[tuple[int, str], float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {(r["step"], k): r[k] for r in records for k in ("train/loss", "val/loss") if k in r}
-
-
 def train_records(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
-    return path.read_text().count("train/loss") if path.exists() else 0
+    return path.read_text().count('"train/loss":') if path.exists() else 0
 
 
 def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int, timeout: float = 240) -> None:
@@ -108,15 +104,7 @@ def test_torchrun_fsdp_stopped_on_one_rank_resumes_to_the_one_process_run(pystdl
         "train.eval_every=10",
     ]
     reference = tmp_path / "single"
-    proc = subprocess.run(
-        [sys.executable, "train.py", *args, f"hydra.run.dir={reference}"],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    run_train([sys.executable, "train.py", *args, f"hydra.run.dir={reference}"])
 
     run_dir = tmp_path / "fsdp"
     command = torchrun(*args, "parallelism=fsdp", f"hydra.run.dir={run_dir}")
@@ -133,8 +121,7 @@ def test_torchrun_fsdp_stopped_on_one_rank_resumes_to_the_one_process_run(pystdl
     assert "fsdp 2 ranks" in out
     assert not (run_dir / "summary.json").exists()
 
-    proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_train(command)
     assert f"resumed from step_{int(stopped.group(1)):08d}" in proc.stdout
     got, want = losses(run_dir), losses(reference)
     assert got.keys() == want.keys()
@@ -201,3 +188,33 @@ def test_a_corrupt_shard_of_one_rank_fails_every_rank_with_one_line(pystdlib_dat
     assert str(checkpoint) in lines[0] and "delete" in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
     assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.parametrize(
+    ("layout", "optimizer", "model"), [("fsdp", "muon", "llama_tiny"), ("ddp", "adamw", "gpt2_tiny")]
+)
+def test_torchrun_with_the_default_batch_matches_one_process(pystdlib_data_root, tmp_path, layout, optimizer, model):
+    """The command a user types first, default batch settings and all (``micro_batch_size`` null: each rank takes
+    its half of the batch). One process runs one micro-batch of 8 and each rank one of 4, so the gradients are the
+    same sums in another order: equal to fp32 rounding, not bitwise."""
+    args = [
+        f"model={model}",
+        "model.n_layer=2",
+        f"optimizer={optimizer}",
+        f"data.root={pystdlib_data_root}",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.eval_tokens=2048",
+        "train.log_every=1",
+        "train.save_model=false",
+        "logger.progress=false",
+    ]
+    reference = tmp_path / "single"
+    run_train([sys.executable, "train.py", *args, f"hydra.run.dir={reference}"])
+    run_dir = tmp_path / layout
+    proc = run_train(torchrun(*args, f"parallelism={layout}", f"hydra.run.dir={run_dir}"))
+    assert f"{layout} 2 ranks" in proc.stdout
+    got, want = losses(run_dir), losses(reference)
+    assert got.keys() == want.keys() and len(got) >= 6
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key

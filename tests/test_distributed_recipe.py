@@ -8,7 +8,11 @@ multi-process launches, each rank running its cases one after another; the tests
 
 - parity: 7 optimizers x {fsdp, ddp} x {gpt2, llama} on 2 ranks, train and val losses of every step and the
   exported (``save_pretrained``) weights, loaded with Hugging Face;
-- uneven shards (fsdp on 3 ranks) and HSDP on 4 ranks (2 x 2);
+- uneven shards (fsdp on 3 ranks) and HSDP on 4 ranks (2 x 2). There the gradients are the same sums in
+  another order (a mean over 3 ranks divides by 3; HSDP adds pairs of ranks before the replicas), equal to fp32
+  rounding but not bitwise, so these cases use optimizers that do not amplify rounding chaotically (not SOAP or
+  Shampoo, whose rank-deficient factors do; the optimizer-level tests cover them on uneven shards) and compare
+  the weights at ``REASSOCIATED_RTOL``;
 - resume at another world size and layout for every optimizer (fsdp 2 -> single, single -> fsdp 2,
   fsdp 2 -> ddp 2): the checkpoint of step 3 is resumed and steps 4-6 must match the run that went on.
 """
@@ -25,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.distributed_utils import spawn
+from tests.distributed_utils import TINY_LLAMA, losses, spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -33,14 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adamw", "muon", "soap", "shampoo", "adam_mini", "adafactor", "sophia")
 MODELS = {
     "gpt2": ["model=gpt2_tiny", "model.n_layer=2", "model.hidden_size=64", "model.n_head=2"],
-    "llama": [
-        "model=llama_tiny",
-        "model.n_layer=2",
-        "model.hidden_size=64",
-        "model.n_head=2",
-        "model.n_kv_head=1",
-        "model.intermediate_size=172",
-    ],
+    "llama": TINY_LLAMA,
 }
 # Each optimizer's preconditioner refreshes (and Sophia's Hessian estimates) inside the six steps.
 OPTIMIZER_ARGS = {
@@ -59,6 +56,15 @@ TRAIN = [
     "logger.progress=false",
 ]
 RTOL = 1e-5
+# Weights whose gradients are the same sums in another order: Adam-style normalization of the smallest
+# gradients (rare tokens' embedding rows) turns their 1e-7 rounding into up to ~2e-5 of the tensor's scale.
+# Sophia is such a case at every world size: its Hessian batch is one micro-batch split over the ranks, whose
+# weight gradients one process sums in one GEMM and the ranks in one GEMM each plus an all-reduce.
+REASSOCIATED_RTOL = 1e-4
+
+
+def weights_rtol(optimizer: str) -> float:
+    return REASSOCIATED_RTOL if optimizer == "sophia" else RTOL
 
 
 def overrides(data_root: Path, model: str, optimizer: str, *extra: str) -> list[str]:
@@ -83,11 +89,6 @@ def run_cases(rank: int, world_size: int, cases: list[tuple[list[str], str]]) ->
             train(resolve_config(compose("train", overrides=case_overrides)), Path(run_dir))
 
 
-def losses(run_dir: Path) -> dict[tuple[int, str], float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {(r["step"], k): r[k] for r in records for k in ("train/loss", "val/loss") if k in r}
-
-
 def assert_same_losses(run: Path, reference: Path, from_step: int = 0) -> None:
     got = {k: v for k, v in losses(run).items() if k[0] >= from_step}
     want = {k: v for k, v in losses(reference).items() if k[0] >= from_step}
@@ -97,12 +98,27 @@ def assert_same_losses(run: Path, reference: Path, from_step: int = 0) -> None:
         assert got[key] == pytest.approx(want[key], rel=RTOL), (key, got[key], want[key])
 
 
-def assert_same_weights(run: Path, reference: Path) -> None:
+def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the key part of GPT-2's fused ``c_attn`` bias zeroed.
+
+    Adding a constant vector to every key shifts a query's attention scores by one constant, which softmax
+    ignores: the key bias has no effect on the model and an exactly zero true gradient. What it receives is
+    rounding noise, which sign-like updates (Sophia's clip, Adam's normalization) turn into steps of the LR's
+    size, different for any other summation order. The model's function does not depend on it.
+    """
+    if not name.endswith("attn.c_attn.bias"):
+        return tensor
+    width = tensor.shape[0] // 3
+    return torch.cat([tensor[:width], torch.zeros(width), tensor[2 * width :]])
+
+
+def assert_same_weights(run: Path, reference: Path, rtol: float = RTOL) -> None:
     got, want = load_file(run / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
     assert got.keys() == want.keys()
     for name in want:
-        scale = want[name].abs().max().clamp(min=1e-12)
-        assert ((got[name] - want[name]).abs().max() / scale).item() <= RTOL, name
+        a, b = without_key_bias(name, got[name]), without_key_bias(name, want[name])
+        error = ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+        assert error <= rtol, (name, error)
 
 
 def resumable_copy(source: Path, target: Path) -> Path:
@@ -125,7 +141,7 @@ def runs(pystdlib_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             one.append((base, str(root / f"single-{model}-{opt}")))
             two.append((base + ["parallelism=fsdp", "train.async_checkpoint=true"], str(root / f"fsdp-{model}-{opt}")))
             two.append((base + ["parallelism=ddp"], str(root / f"ddp-{model}-{opt}")))
-    uneven = [("llama", "soap"), ("gpt2", "adam_mini"), ("gpt2", "adafactor")]
+    uneven = [("llama", "muon"), ("gpt2", "adam_mini"), ("gpt2", "adafactor")]
     for model, opt in uneven:
         base = overrides(pystdlib_data_root, model, opt, "train.batch_size=6", "train.micro_batch_size=2")
         one.append((base, str(root / f"single6-{model}-{opt}")))
@@ -160,7 +176,7 @@ def runs(pystdlib_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_two_ranks_equal_one_process(runs, mode, optimizer, model):
     run, reference = runs / f"{mode}-{model}-{optimizer}", runs / f"single-{model}-{optimizer}"
     assert_same_losses(run, reference)
-    assert_same_weights(run, reference)
+    assert_same_weights(run, reference, weights_rtol(optimizer))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["parallelism"] == f"{mode} 2 ranks"
     assert summary["optim/state_bytes_total"] >= summary["optim/state_bytes"] > 0
@@ -176,11 +192,11 @@ def test_sharded_export_loads_with_hugging_face(runs):
     torch.testing.assert_close(got(input_ids=inputs).logits, want(input_ids=inputs).logits, rtol=RTOL, atol=1e-6)
 
 
-@pytest.mark.parametrize(("model", "optimizer"), [("llama", "soap"), ("gpt2", "adam_mini"), ("gpt2", "adafactor")])
+@pytest.mark.parametrize(("model", "optimizer"), [("llama", "muon"), ("gpt2", "adam_mini"), ("gpt2", "adafactor")])
 def test_uneven_shards_on_three_ranks(runs, model, optimizer):
     run, reference = runs / f"fsdp3-{model}-{optimizer}", runs / f"single6-{model}-{optimizer}"
     assert_same_losses(run, reference)
-    assert_same_weights(run, reference)
+    assert_same_weights(run, reference, REASSOCIATED_RTOL)
 
 
 @pytest.mark.parametrize(("model", "optimizer"), [("llama", "adamw"), ("gpt2", "muon")])
@@ -188,7 +204,7 @@ def test_hsdp_two_by_two(runs, model, optimizer):
     run, reference = runs / f"hsdp-{model}-{optimizer}", runs / f"single4x1-{model}-{optimizer}"
     assert json.loads((run / "summary.json").read_text())["parallelism"] == "hsdp 2x2 ranks"
     assert_same_losses(run, reference)
-    assert_same_weights(run, reference)
+    assert_same_weights(run, reference, REASSOCIATED_RTOL)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -200,4 +216,4 @@ def test_resume_at_another_world_size(runs, resumed, source, optimizer):
     run, original = runs / f"{resumed}-{optimizer}", runs / f"{source}-{optimizer}"
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     assert_same_losses(run, original, from_step=4)
-    assert_same_weights(run, original)
+    assert_same_weights(run, original, weights_rtol(optimizer))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import ParallelismConfig
+from recipes.config import ParallelismConfig, TrainConfig
 from recipes.errors import ConfigError
 from recipes.parallel import World, degrees, first_host, world_from_env
 
@@ -135,3 +135,20 @@ def test_fsdp_with_one_process_is_a_one_rank_mesh(pystdlib_data_root, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "fsdp 1 rank (a one-rank mesh)" in proc.stdout
     assert json.loads((run_dir / "summary.json").read_text())["parallelism"] == "fsdp 1 rank (a one-rank mesh)"
+
+
+def test_a_null_micro_batch_is_each_ranks_share_and_the_hessian_batch_stays_global():
+    train = TrainConfig(batch_size=8, micro_batch_size=None)
+    assert [train.micro_batch(world) for world in (1, 2, 4)] == [8, 4, 2]
+    assert train.fresh_batch == 8
+    explicit = TrainConfig(batch_size=8, micro_batch_size=2)
+    assert [explicit.micro_batch(world) for world in (1, 2, 4)] == [2, 2, 2]
+    assert explicit.fresh_batch == 2
+
+
+def test_a_null_micro_batch_needs_a_batch_that_splits_over_the_ranks(tmp_path):
+    args = [f"data.root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", "parallelism=ddp"]
+    proc = run_as_rank0([*args, "train.batch_size=7"], 2)
+    assert proc.returncode == 2
+    assert "train.batch_size=7 is not divisible by 2 data-parallel ranks" in proc.stderr
+    assert not (tmp_path / "data").exists()
