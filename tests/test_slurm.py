@@ -58,10 +58,35 @@ def slurm_env() -> dict[str, str]:
             pytest.skip("SLURM cannot be installed here: slurm/local_cluster.sh needs root and apt-get (Debian)")
         start = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
         assert start.returncode == 0, start.stderr
+    cancel_test_jobs(env)  # jobs that an earlier, interrupted session left in the controller's saved state
     yield env
     if not already_up:
         stop = subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop.stderr
+
+
+LAUNCHERS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(slurm_env):
+    """After each test, stop its sweep launchers and cancel the test jobs still queued or running (all named
+    ``eopt*``), so that a failed or timed-out test never holds the node the next one needs."""
+    yield
+    while LAUNCHERS:
+        proc = LAUNCHERS.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    cancel_test_jobs(slurm_env)
+
+
+def cancel_test_jobs(env: dict[str, str]) -> None:
+    """Cancel every queued or running job named ``eopt*`` (the tests' sweeps, templates and reference runs)."""
+    jobs = slurm("squeue", "-h", "-o", "%i %j", env=env).splitlines()
+    ours = [job for job, name in (line.split(maxsplit=1) for line in jobs) if name.startswith("eopt")]
+    if ours:
+        slurm("scancel", *ours, env=env)
 
 
 def slurm(*command: str, env: dict[str, str], cwd: Path | None = None) -> str:
@@ -80,7 +105,9 @@ def losses(run_dir: Path) -> dict[tuple[int, str], float]:
 
 def sweep(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     command = [sys.executable, "train.py", "-m", *ON_THE_TEST_CLUSTER, *SMALL, *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    LAUNCHERS.append(proc)
+    return proc
 
 
 def test_lr_sweep_runs_one_job_per_point_with_two_tasks_each(slurm_env, pystdlib_data_root, tmp_path):
@@ -147,7 +174,7 @@ def uninterrupted(slurm_env, pystdlib_data_root, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     command = [sys.executable, "train.py", *SMALL, f"data.root={pystdlib_data_root}", *PREEMPTED]
     proc = subprocess.run(
-        ["srun", "-n", "2", *command, f"hydra.run.dir={run_dir}"],
+        ["srun", "-J", "eopt-uninterrupted", "-n", "2", *command, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
         env=slurm_env,
         capture_output=True,
