@@ -19,24 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import TINY_GPT2, TINY_RUN
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 SLURM_DIR = Path(os.environ.get("EOPT_SLURM_DIR", "/tmp/eopt-slurm"))
-SMALL = [
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "train.seq_len=32",
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.eval_tokens=1024",
-    "train.save_model=false",
-    "train.log_every=1",
-    "logger.progress=false",
-    "parallelism=ddp",
-]
+SMALL = [*TINY_GPT2, *TINY_RUN, "train.save_model=false", "train.log_every=1", "parallelism=ddp"]
 ON_THE_TEST_CLUSTER = [
     "hydra/launcher=slurm",
     "hydra.launcher.tasks_per_node=2",

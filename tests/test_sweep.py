@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from recipes import sweep
+from tests.tiny import TINY_GPT2, TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,16 +59,10 @@ def test_local_launcher_runs_the_sweep_without_slurm(pystdlib_data_root, tmp_pat
         "optimizer=muon",
         "optimizer.lr=0.01,0.02",
         f"data.root={pystdlib_data_root}",
-        "model.n_layer=2",
-        "model.hidden_size=64",
-        "model.n_head=2",
-        "train.seq_len=32",
-        "train.batch_size=4",
-        "train.micro_batch_size=2",
-        "train.eval_tokens=1024",
+        *TINY_GPT2,
+        *TINY_RUN,
         "train.max_steps=2",
         "train.save_model=false",
-        "logger.progress=false",
         f"hydra.sweep.dir={tmp_path}/${{eopt.sweep_id:}}",
     ]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

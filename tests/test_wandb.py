@@ -15,21 +15,10 @@ import pytest
 
 from recipes.config import LoggerConfig
 from recipes.metrics import WandbSink
+from tests.tiny import TINY_GPT2, TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "train.seq_len=32",
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.eval_tokens=1024",
-    "train.save_model=false",
-    "train.log_every=1",
-    "logger.progress=false",
-    "logger=wandb",
-]
+SMALL = [*TINY_GPT2, *TINY_RUN, "train.save_model=false", "train.log_every=1", "logger=wandb"]
 SECRET = "0123456789abcdef0123456789abcdef01234567"  # the shape of a wandb API key
 
 
