@@ -6,6 +6,7 @@ python train.py optimizer=muon model=llama_tiny train.max_steps=200
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,15 @@ from recipes.parallel import peer_failure, world_from_env
 
 register_configs()
 FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def hand_on_signal(signum: int) -> None:
+    """Call the handler that listened to ``signum`` before training, now that the checkpoint is written: under
+    submitit (``hydra/launcher=slurm``) that handler requeues the job on USR2, and the requeued job resumes from
+    this checkpoint in the same run directory. A plain run has no such handler and exits 0."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -44,15 +54,18 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"error: (rank {world.rank}) {lost}", file=sys.stderr)
         sys.exit(1)
+    if "stopped" in summary:
+        if world.main:
+            print(
+                f"stopped by signal {summary['stopped']} at step {summary['step']}; checkpoint saved in "
+                f"{summary['checkpoints']}: run the same command again to resume",
+                file=sys.stderr,
+            )
+        hand_on_signal(summary["stopped"])
+        return
     if not world.main:
         return
-    if "stopped" in summary:
-        print(
-            f"stopped by signal {summary['stopped']} at step {summary['step']}; checkpoint saved in "
-            f"{summary['checkpoints']}: run the same command again to resume",
-            file=sys.stderr,
-        )
-    elif metrics.FINAL_VAL_LOSS in summary:
+    if metrics.FINAL_VAL_LOSS in summary:
         loss, steps = summary[metrics.FINAL_VAL_LOSS], summary[metrics.STEPS]
         print(f"done: val/loss {loss:.4f} after {steps} steps; outputs in {summary['run_dir']}")
     else:

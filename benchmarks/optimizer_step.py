@@ -44,8 +44,8 @@ SIZES = {
 }
 
 
-def build_model(size: str) -> tuple[list[tuple[str, torch.nn.Parameter]], dict]:
-    """The named parameters of a Llama of ``size`` and the info dict handed to ``Case.make``."""
+def llama(size: str) -> torch.nn.Module:
+    """The Llama of ``size`` (transformers, fp32, seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     s = SIZES[size]
@@ -59,7 +59,13 @@ def build_model(size: str) -> tuple[list[tuple[str, torch.nn.Parameter]], dict]:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float()
+    return LlamaForCausalLM(config).float()
+
+
+def build_model(size: str) -> tuple[list[tuple[str, torch.nn.Parameter]], dict]:
+    """The named parameters of a Llama of ``size`` and the info dict handed to ``Case.make``."""
+    s = SIZES[size]
+    model = llama(size)
     named = list(model.named_parameters())
     hints = param_hints(model)
     info = {"n_heads": s["heads"], "n_kv_heads": s["kv_heads"], "hidden": s["hidden"], "hints": hints}

@@ -10,6 +10,7 @@ import torch
 from eopt.base import Optimizer, ParamGroups, check, params_with_grad
 from eopt.distributed import copy_local_, gather, is_sharded, local
 from eopt.newton_schulz import Coefficients, check_coefficients, newton_schulz
+from eopt.owner import MATRIX_UPDATES, Plan, ranks_of
 
 SCALES = ("shape_scaling", "spectral", "unit_rms_norm", "match_rms_adamw")
 SECOND_MOMENTS = (None, "normuon", "adamuon")
@@ -80,6 +81,16 @@ def step_size(group: dict, out_dim: int, in_dim: int) -> float:
     return -group["lr"] * group["extra_scale_factor"] * scale_factor(group["scale"], out_dim, in_dim)
 
 
+def newton_schulz_flops(group: dict, shape: torch.Size | tuple[int, ...]) -> float:
+    """FLOPs of one Newton–Schulz orthogonalization of every piece of a parameter of ``shape``: per step and
+    piece ``4 m^2 n + 2 m^3`` (``X X^T``, its square, the product with ``X``) for an m x n piece, m <= n."""
+    flops = 0.0
+    for o, i in piece_dims(shape, group):
+        m, n = min(o, i), max(o, i)
+        flops += group["ns_steps"] * (4 * m * m * n + 2 * m**3)
+    return flops
+
+
 def normuon_axis(out_dim: int, in_dim: int, in_out: bool) -> int:
     """The storage axis NorMuon averages over: the shorter math dim (``in`` for a square matrix), as NVIDIA's."""
     math_axis = -1 if out_dim >= in_dim else -2
@@ -121,7 +132,15 @@ class Muon(Optimizer):
     stack straight into the weights.
     ``foreach=False`` selects the single-tensor reference path (one matrix at a time, same arithmetic).
 
-    On FSDP2/HSDP shards (``DTensor`` parameters, ``Shard(0)``) the update is *replicated*: momentum, Nesterov
+    Under DDP, FSDP2 and HSDP, ``matrix_update="owner"`` (the default) computes each matrix's update once: a
+    :class:`eopt.owner.Plan` per group gives every matrix an owner rank (balanced by Newton–Schulz FLOPs over
+    all ranks); momentum, Nesterov and weight decay run on each rank's rows, ``u`` goes to its owner
+    (``all_to_all_single`` of the rows under FSDP2/HSDP; already whole under DDP), the owner runs the pieces,
+    stacks, Newton–Schulz and second moment exactly as one process would on its matrices, and each rank gets
+    back its rows of the scaled update and adds them. NorMuon's and AdaMuon's ``moment2`` live on the owner
+    only. :meth:`plan` describes the assignment.
+
+    With ``matrix_update="replicated"`` (the reference) on FSDP2/HSDP shards, momentum, Nesterov
     and weight decay run on each rank's rows (``momentum_buffer`` is sharded like its parameter); ``u`` is
     all-gathered to the full matrix (:func:`eopt.distributed.gather`), and every rank runs the same pieces,
     stacks (by global shape, in the one-process order), Newton–Schulz and second moment on the full
@@ -150,6 +169,8 @@ class Muon(Optimizer):
             and in bf16/fp16, the direct iteration; see :func:`eopt.newton_schulz.gram_newton_schulz`) or
             ``"direct"`` (the iteration as written everywhere).
         foreach: batched path (``None`` or ``True``) or the single-tensor reference path (``False``).
+        matrix_update: ``"owner"`` (each matrix's Newton–Schulz on one rank) or ``"replicated"`` (on every
+            rank, the reference); the same in one process.
     """
 
     algorithm = "muon"
@@ -171,7 +192,10 @@ class Muon(Optimizer):
         ns_dtype: str | torch.dtype | None = None,
         ns_method: str = "gram",
         foreach: bool | None = None,
+        matrix_update: str = "owner",
     ) -> None:
+        self._plans: dict[tuple[int, ...], Plan] = {}
+        self._loads: list[float] = []  # each rank's Newton–Schulz FLOPs over the plans so far
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -187,6 +211,7 @@ class Muon(Optimizer):
             "ns_dtype": ns_dtype,
             "ns_method": ns_method,
             "foreach": foreach,
+            "matrix_update": matrix_update,
         }
         super().__init__(params, defaults)
 
@@ -217,6 +242,8 @@ class Muon(Optimizer):
             dt is None or dt in NS_DTYPES or dt in NS_DTYPES.values(),
             f"must be null or one of {', '.join(NS_DTYPES)}, got {dt!r}",
         )
+        mode = group["matrix_update"]
+        check("matrix_update", mode in MATRIX_UPDATES, f"must be one of {', '.join(MATRIX_UPDATES)}, got {mode!r}")
         split = group.get("split_qkv")
         for p in group["params"]:
             check("params", p.ndim >= 2, f"Muon takes matrices (2-D and up); route {tuple(p.shape)} to 'adamw'")
@@ -224,18 +251,74 @@ class Muon(Optimizer):
                 out_dim = p.shape[-1] if group.get("in_out") else p.shape[0]
                 check("split_qkv", sum(split) == out_dim, f"sizes {tuple(split)} must sum to the output dim {out_dim}")
 
+    def _moment2_numel(self, group: dict, shape: torch.Size) -> int:
+        """Elements of a parameter's ``moment2``: AdaMuon's is param-shaped; NorMuon's holds one value per index of
+        each piece's longer dim (rows if square), the pieces' vectors concatenated."""
+        if group["second_moment"] == "adamuon":
+            return math.prod(shape)
+        if group["second_moment"] == "normuon":
+            return sum(max(o, i) for o, i in piece_dims(shape, group))
+        return 0
+
     def _init_state(self, group: dict) -> None:
-        for p in group["params"]:
+        plan = self._make_plan(group)
+        for unit, p in enumerate(group["params"]):
             state = self.state[p]
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            # The second moments follow the full matrices (plain tensors, the same on every rank of a sharded run).
             if group["second_moment"] == "adamuon":
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["moment2"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-            elif group["second_moment"] == "normuon":
-                # One value per index of each piece's longer dim (rows if square), the pieces' vectors concatenated.
-                length = sum(max(o, i) for o, i in piece_dims(p.shape, group))
-                state["moment2"] = torch.zeros(length, dtype=p.dtype, device=p.device)
+            # The second moments follow the full matrices: plain tensors on the owner only (matrix_update="owner"),
+            # or the same on every rank (replicated).
+            if group["second_moment"] is not None and (plan is None or plan.owns(unit)):
+                shape = p.shape if group["second_moment"] == "adamuon" else (self._moment2_numel(group, p.shape),)
+                state["moment2"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    def _make_plan(self, group: dict) -> Plan | None:
+        """The owner plan of ``group`` under ``matrix_update="owner"`` across several ranks, else ``None``."""
+        params = group["params"]
+        ranks = ranks_of(params[0]) if params and group["matrix_update"] == "owner" else None
+        if ranks is None:
+            return None
+        if not self._loads:
+            self._loads = [0.0] * ranks.size
+        plan = Plan(
+            [p.shape for p in params],
+            [newton_schulz_flops(group, p.shape) for p in params],
+            [self._moment2_numel(group, p.shape) * p.element_size() for p in params],
+            ranks,
+            params[0].dtype,
+            params[0].device,
+            self._loads,
+        )
+        self._plans[tuple(id(p) for p in params)] = plan
+        return plan
+
+    def plan(self) -> dict:
+        """The owner plan under ``matrix_update="owner"`` on several ranks (empty otherwise): ``units`` (matrices),
+        ``ranks``, ``balance`` (the busiest rank's Newton–Schulz FLOPs over the mean; 1.0 is perfect),
+        ``max_state_bytes`` / ``total_state_bytes`` (owner-only state: NorMuon/AdaMuon second moments) and
+        ``owners`` (each parameter's rank, by name when the group has ``param_names``)."""
+        flops, held, owners = [], [], {}
+        for group in self.param_groups:
+            plan = self._plans.get(tuple(id(p) for p in group["params"]))
+            if plan is None:
+                continue
+            group_flops, group_held = plan.loads()
+            flops = [a + b for a, b in zip(flops or [0.0] * len(group_flops), group_flops, strict=True)]
+            held = [a + b for a, b in zip(held or [0] * len(group_held), group_held, strict=True)]
+            names = group.get("param_names") or [f"{len(owners) + i}" for i in range(len(plan.owners))]
+            owners.update(zip(names, plan.owners, strict=True))
+        if not owners:
+            return {}
+        mean = sum(flops) / len(flops)
+        return {
+            "units": len(owners),
+            "ranks": len(flops),
+            "balance": max(flops) / mean if mean else 1.0,
+            "max_state_bytes": max(held),
+            "total_state_bytes": sum(held),
+            "owners": owners,
+        }
 
     def _step_group(self, group: dict) -> None:
         params = params_with_grad(group)
@@ -255,6 +338,10 @@ class Muon(Optimizer):
         if wd != 0.0:
             # Decoupled decay touches only the weights, so it can precede the update computed from u.
             torch._foreach_mul_(weights, 1.0 - lr * wd)
+        plan = self._plans.get(tuple(id(p) for p in group["params"]))
+        if plan is not None:
+            self._update_owned(group, plan, params, inputs, weights)
+            return
         targets = params
         if sharded:
             # Newton–Schulz needs whole matrices: every rank gathers each u and computes the same full update,
@@ -269,6 +356,20 @@ class Muon(Optimizer):
             self._update_batched(group, params, inputs, targets)
         if sharded:
             copy_local_(targets, params, into_params=True)
+
+    def _update_owned(self, group: dict, plan: Plan, params: list, inputs: list, weights: list) -> None:
+        """Owner-computes: this rank's ``inputs`` rows go to their owners, which add each piece's scaled
+        orthogonalized update into zeroed full-shape targets; each rank gets back and adds its rows."""
+        unit_of = {id(p): unit for unit, p in enumerate(group["params"])}
+        active = [unit_of[id(p)] for p in params]
+        full_inputs = plan.gather(active, inputs)
+        owned = [p for unit, p in zip(active, params, strict=True) if plan.owns(unit)]
+        targets = [torch.zeros_like(u) for u in full_inputs]
+        if group["foreach"] is False:
+            self._update_single(group, owned, full_inputs, targets)
+        else:
+            self._update_batched(group, owned, full_inputs, targets)
+        torch._foreach_add_(weights, plan.scatter(active, targets))
 
     def _update_single(self, group: dict, params: list, inputs: list, targets: list) -> None:
         """Reference path: one matrix piece at a time; adds each piece's update of ``inputs[j]`` into

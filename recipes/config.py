@@ -13,6 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+import recipes.sweep  # noqa: F401  (registers the sweep resolvers on import, see its docstring)
+
 
 @dataclass
 class ModelConfig:
@@ -94,9 +96,17 @@ class ScheduleConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "default"
+    name: str = "default"  # default (console + metrics.jsonl) | wandb (the same, and Weights & Biases)
     progress: bool = True  # a console progress bar (off when stdout is not a terminal: plain log lines)
     jsonl: bool = True
+    # logger=wandb (conf/logger/wandb.yaml); the API key comes from WANDB_API_KEY or `wandb login`, never a config
+    mode: str = "online"  # online (offline when no API key is configured) | offline | disabled
+    project: str = "eopt-recipes"
+    entity: str | None = None  # None = the API key's default entity
+    group: str | None = None  # the sweep id in a sweep, so that a sweep's runs are grouped
+    run_name: str | None = None  # None = the run directory's name
+    tags: list[str] = field(default_factory=list)  # added to optimizer, model, data and parallelism
+    init_timeout_s: float = 60.0  # give up reaching the server after this long and log offline instead
 
 
 @dataclass
@@ -107,7 +117,7 @@ class ParallelismConfig:
     reshard_after_forward: bool = True  # FSDP2: free the gathered block after its forward (ZeRO-3); False = ZeRO-2
     mixed_precision: bool = True  # FSDP2 on GPU: bf16 parameters for compute, fp32 gradient reduction
     cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state on the host
-    matrix_update: str = "replicated"  # Muon/SOAP/Shampoo on shards: every rank updates each gathered matrix
+    matrix_update: str = "replicated"  # Muon: owner (each matrix once, on one rank) | replicated (every rank)
     timeout_s: int = 600  # collective timeout: a lost rank ends the job after at most this long
 
 

@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per line), console progress, ``summary.json``.
+"""Run outputs: ``metrics.jsonl`` (one JSON object per line), console progress, ``summary.json``, and
+Weights & Biases with ``logger=wandb`` (:class:`WandbSink`: the same records, tokens as the x-axis).
 
 :class:`MetricsLogger` owns the record: it accumulates the loss and gradient norm of every step on the
 device, decides the log cadence, reduces over ranks at log time (the train loss is the global mean,
@@ -11,10 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
+import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from tqdm import tqdm
@@ -67,6 +72,102 @@ def _clean(value: Any) -> Any:
     return value
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_api_key_configured() -> bool:
+    """Whether wandb would find an API key: ``WANDB_API_KEY`` or an entry for the host in the netrc file that
+    ``wandb login`` writes. Only checked, never read into the run: the key stays where the user put it."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbSink:
+    """Sends every record of ``metrics.jsonl`` to a wandb run, and ``summary.json`` as its summary (rank 0 only).
+
+    The run id is kept in ``<run_dir>/wandb_run_id``, so a resumed or requeued run continues the same wandb
+    run. ``mode=online`` without a configured API key logs offline, and so does an online run whose server
+    cannot be reached; either way one line says how to upload the run with ``wandb sync``. Any other wandb
+    failure prints one warning and turns the sink off: training and ``metrics.jsonl`` go on regardless.
+    """
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], tags: list[str]) -> None:
+        self.run = None
+        try:
+            import wandb
+        except ImportError as e:
+            self._warn(f"cannot import wandb ({e}): pip install wandb")
+            return
+        mode = cfg.mode
+        if mode == "online" and not wandb_api_key_configured():
+            mode = "offline"
+            print("wandb: no API key configured (WANDB_API_KEY or `wandb login`): logging offline", file=sys.stderr)
+        id_file = run_dir / WANDB_ID_FILE
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(6) + "\n")
+        init = {
+            "project": cfg.project,
+            "entity": cfg.entity,
+            "group": cfg.group,
+            "name": cfg.run_name or run_dir.name,
+            "tags": list(dict.fromkeys(tags + list(cfg.tags))),
+            "config": config,
+            "id": id_file.read_text().strip(),
+            "resume": "allow",
+            "dir": str(run_dir),
+            "settings": wandb.Settings(init_timeout=cfg.init_timeout_s),
+        }
+        try:
+            self.run = wandb.init(mode=mode, **init)
+        except Exception as e:
+            if mode != "online":
+                self._warn(f"wandb.init failed ({_one_line(e)}): logging to metrics.jsonl only")
+                return
+            print(f"wandb: cannot reach the server ({_one_line(e)}): logging offline", file=sys.stderr)
+            mode = "offline"
+            try:
+                wandb.teardown()  # the failed online run still holds the run id in this process
+                self.run = wandb.init(mode=mode, **init)
+            except Exception as e2:
+                self._warn(f"wandb.init failed ({_one_line(e2)}): logging to metrics.jsonl only")
+                return
+        self._call(lambda run: run.define_metric("tokens"))
+        self._call(lambda run: run.define_metric("*", step_metric="tokens"))
+        if mode == "offline" and self.run is not None:
+            print(f"wandb: offline run; upload it with `wandb sync {Path(self.run.dir).parent}`", file=sys.stderr)
+
+    def _warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    def _call(self, action: Callable[[Any], Any]) -> None:
+        """``action(run)``; on the first failure warn once and stop using wandb."""
+        if self.run is None:
+            return
+        try:
+            action(self.run)
+        except Exception as e:
+            self.run = None
+            self._warn(f"wandb failed ({_one_line(e)}): logging to metrics.jsonl only from now on")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._call(lambda run: run.log({k: v for k, v in record.items() if v is not None}))
+
+    def finish(self, summary: dict[str, Any] | None) -> None:
+        if summary:
+            self._call(lambda run: run.summary.update({k: v for k, v in summary.items() if v is not None}))
+        self._call(lambda run: run.finish())
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 class MetricsLogger:
     """Appends records to ``<run_dir>/metrics.jsonl`` and shows progress on the console.
 
@@ -83,9 +184,11 @@ class MetricsLogger:
         *,
         log_every: int = 1,
         main: bool = True,
+        wandb: WandbSink | None = None,
     ) -> None:
         self.path = run_dir / METRICS_FILE
         self.main = main
+        self.wandb = wandb if main else None
         self.enabled = cfg.jsonl and main
         self.log_every = log_every
         if self.enabled:
@@ -174,10 +277,13 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` to :data:`METRICS_FILE` (rank 0)."""
+        """Append ``record`` to :data:`METRICS_FILE` and send it to wandb (rank 0)."""
+        record = {k: _clean(v) for k, v in record.items()}
         if self.enabled:
-            self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def advance(self, steps: int = 1, **postfix: float) -> None:
         """Move the progress bar (no-op without a terminal)."""
@@ -195,8 +301,11 @@ class MetricsLogger:
         else:
             print(line, flush=True)
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Close the outputs; ``summary`` (what ``summary.json`` holds) becomes the wandb run's summary."""
         if self._bar is not None:
             self._bar.close()
         if self.enabled:
             self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish(summary)

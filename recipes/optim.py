@@ -19,6 +19,7 @@ from torch import nn
 
 import eopt
 from eopt.distributed import all_reduce_sum_, local
+from eopt.kronecker import KroneckerOptimizer
 from recipes.config import ScheduleConfig
 from recipes.errors import ConfigError
 from recipes.models import param_hints
@@ -69,6 +70,10 @@ def optimizer_kwargs(ocfg: Mapping[str, Any]) -> tuple[str, dict]:
         raise ConfigError(f"optimizer.name={name!r} is unknown: choose one of {', '.join(sorted(eopt.OPTIMIZERS))}")
     entry = eopt.OPTIMIZERS[name]
     for key in ocfg:
+        if key == "matrix_update":
+            raise ConfigError(
+                "optimizer.matrix_update is not an optimizer key: set parallelism.matrix_update=owner|replicated"
+            )
         if key not in RECIPE_KEYS and key not in entry.defaults:
             raise ConfigError(
                 f"optimizer.{key} is not an argument of {name}: valid keys are {', '.join(entry.defaults)}"
@@ -81,8 +86,18 @@ def optimizer_kwargs(ocfg: Mapping[str, Any]) -> tuple[str, dict]:
     return name, kwargs
 
 
-def _build(named_parameters, hints: dict, ocfg: Mapping[str, Any], tokens_per_step: int) -> torch.optim.Optimizer:
+def _build(
+    named_parameters, hints: dict, ocfg: Mapping[str, Any], tokens_per_step: int, matrix_update: str
+) -> torch.optim.Optimizer:
     name, kwargs = optimizer_kwargs(ocfg)
+    entry = eopt.OPTIMIZERS[name]
+    if "matrix_update" in entry.defaults:
+        kwargs["matrix_update"] = matrix_update
+    elif matrix_update == "owner" and issubclass(entry.cls, KroneckerOptimizer):
+        raise ConfigError(
+            f"parallelism.matrix_update=owner is not available for {name} yet (Muon has it): "
+            "use parallelism.matrix_update=replicated"
+        )
     if "bs" in eopt.OPTIMIZERS[name].defaults and kwargs.get("bs") is None:
         kwargs["bs"] = tokens_per_step
     backup = ocfg.get("backup")
@@ -103,15 +118,19 @@ def _build(named_parameters, hints: dict, ocfg: Mapping[str, Any], tokens_per_st
         raise ConfigError(f"optimizer ({name}): {e}") from e
 
 
-def check_optimizer(ocfg: Mapping[str, Any]) -> None:
-    """Validate an optimizer config by building it over two small stand-in parameters (before any real work)."""
+def check_optimizer(ocfg: Mapping[str, Any], matrix_update: str = "replicated") -> None:
+    """Validate an optimizer config (with the parallelism's ``matrix_update``) by building it over two small
+    stand-in parameters, before any real work."""
     params = [("matrix", nn.Parameter(torch.zeros(4, 4))), ("vector", nn.Parameter(torch.zeros(4)))]
-    _build(params, {}, ocfg, tokens_per_step=1)
+    _build(params, {}, ocfg, 1, matrix_update)
 
 
-def build_optimizer(model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_step: int) -> torch.optim.Optimizer:
-    """The eopt optimizer for ``model``, parameters routed with the model's hints."""
-    return _build(model.named_parameters(), param_hints(model), ocfg, tokens_per_step)
+def build_optimizer(
+    model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_step: int, matrix_update: str = "replicated"
+) -> torch.optim.Optimizer:
+    """The eopt optimizer for ``model``, parameters routed with the model's hints; ``matrix_update`` (owner or
+    replicated) goes to the optimizers that take it (Muon)."""
+    return _build(model.named_parameters(), param_hints(model), ocfg, tokens_per_step, matrix_update)
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:

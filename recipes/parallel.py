@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eopt.owner import MATRIX_UPDATES
 from recipes.config import ParallelismConfig
 from recipes.errors import ConfigError, RecipeError
 
@@ -129,10 +130,10 @@ def check_parallelism(cfg: ParallelismConfig, world_size: int) -> None:
         raise ConfigError(
             f"parallelism=single but {world_size} processes were launched: use parallelism=ddp, fsdp or hsdp"
         )
-    if cfg.matrix_update != "replicated":
+    if cfg.matrix_update not in MATRIX_UPDATES:
         raise ConfigError(
-            f"parallelism.matrix_update={cfg.matrix_update!r} is unknown: replicated (every rank runs each "
-            "matrix's work on the gathered matrix) is the one available"
+            f"parallelism.matrix_update={cfg.matrix_update!r} is unknown: owner (each matrix's work on one rank) "
+            "or replicated (on every rank, the reference)"
         )
     if cfg.timeout_s <= 0:
         raise ConfigError(f"parallelism.timeout_s={cfg.timeout_s} must be > 0")

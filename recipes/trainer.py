@@ -34,7 +34,7 @@ from recipes.data import TrainBatches, check_vocab_fits, read_meta, val_batches
 from recipes.errors import ConfigError, TrainingError
 from recipes.evaluation import Evaluator
 from recipes.hessian import check_hessian_config, hessian_hook
-from recipes.metrics import MetricsLogger, write_json_atomic
+from recipes.metrics import WANDB_MODES, MetricsLogger, WandbSink, write_json_atomic
 from recipes.models import (
     autocast,
     build_model,
@@ -119,8 +119,12 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         )
     if t.target_val_loss is not None and t.target_val_loss <= 0:
         raise ConfigError(f"train.target_val_loss={t.target_val_loss} must be > 0, or null")
+    if cfg.logger.name not in ("default", "wandb"):
+        raise ConfigError(f"logger.name={cfg.logger.name!r} is unknown: use logger=default or logger=wandb")
+    if cfg.logger.mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={cfg.logger.mode!r} must be one of {', '.join(WANDB_MODES)}")
     check_model_config(cfg.model)
-    check_optimizer(cfg.optimizer)
+    check_optimizer(cfg.optimizer, cfg.parallelism.matrix_update)
     check_hessian_config(cfg, world_size)
     check_schedule(cfg.schedule)
 
@@ -162,15 +166,22 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
 
 class StopSignal:
     """Turns SIGTERM/SIGUSR1/SIGUSR2 (SLURM preemption, submitit's checkpoint signal) into a flag that every rank
-    checks after each step; :meth:`agreed` is the same on every rank, so all save at the same step."""
+    checks after each step; :meth:`agreed` is the same on every rank, so all save at the same step.
+
+    The handlers that were there before (submitit's, which requeues the job on USR2) come back with
+    :meth:`restore`; ``train.py`` then hands the signal on to them once the checkpoint is written.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, device: torch.device) -> None:
         self.signum: int | None = None
         self._flag = torch.zeros(1, device=device)
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -278,7 +289,9 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
             write_json_atomic(run_dir / metrics.SUMMARY_FILE, summary)
         return summary
 
-    optimizer = build_optimizer(model, cfg.optimizer, tokens_per_step=plan.tokens_per_step)
+    optimizer = build_optimizer(
+        model, cfg.optimizer, tokens_per_step=plan.tokens_per_step, matrix_update=cfg.parallelism.matrix_update
+    )
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.max_steps)
     batches = TrainBatches(
         data_dir,
@@ -319,7 +332,13 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     resumed = checkpointer.resume(plan.device)
     state = RunState(**resumed[1]["state"]) if resumed else RunState()
     between_steps = hessian_hook(forward, optimizer, batches, cfg, plan.device, plan.amp_dtype)
-    log = MetricsLogger(run_dir, cfg.logger, plan.max_steps, state.step, log_every=t.log_every, main=world.main)
+    wandb = None
+    if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled" and world.main:
+        tags = [cfg.optimizer["name"], cfg.model.name, cfg.data.name, cfg.parallelism.name]
+        wandb = WandbSink(cfg.logger, run_dir, asdict(cfg), tags)
+    log = MetricsLogger(
+        run_dir, cfg.logger, plan.max_steps, state.step, log_every=t.log_every, main=world.main, wandb=wandb
+    )
     stop = StopSignal(plan.device)
     flops = flops_per_token(model, t.seq_len)
     peak = peak_flops(plan.device, plan.amp_dtype or torch.float32)
@@ -328,6 +347,12 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         f"{plan.tokens_per_step:,} tokens | {plan.device} {str(plan.amp_dtype or torch.float32)[6:]} | "
         f"{par.describe()} | {run_dir}"
     )
+    owned = getattr(optimizer, "plan", dict)()
+    if owned:
+        log.print(
+            f"matrix_update=owner: {owned['units']} matrices over {owned['ranks']} ranks, "
+            f"busiest rank {owned['balance']:.2f}x the mean Newton-Schulz FLOPs"
+        )
     if resumed:
         log.print(f"resumed from {resumed[0].name} (step {state.step})")
 
@@ -349,10 +374,12 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         return val_loss
 
     if state.step >= plan.max_steps or state.steps_to_target is not None:
+        stop.restore()
         log.print(f"{run_dir} is already complete (step {state.step}): nothing to do")
-        log.close()
         done = run_dir / metrics.SUMMARY_FILE
-        return parallel.decided_once(lambda: json.loads(done.read_text()) if done.exists() else summary)
+        summary = parallel.decided_once(lambda: json.loads(done.read_text()) if done.exists() else summary)
+        log.close(summary)
+        return summary
     val_loss = run_eval() if state.step == 0 else None
     log.start(state.tokens, state.train_time)
     while state.step < plan.max_steps and state.steps_to_target is None:
@@ -400,6 +427,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
             val_loss = run_eval()
         checkpointer.maybe_save(state.step, lambda: asdict(state), stop=stopping)
         if stopping:
+            stop.restore()
             log.close()
             return {"stopped": stop.signum, "step": state.step, "checkpoints": str(checkpointer.directory)}
 
@@ -407,9 +435,9 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         val_loss = run_eval()
     checkpointer.maybe_save(state.step, lambda: asdict(state), last=True)
     checkpointer.close()
+    stop.restore()
     if t.save_model:
         export_model(model, data_dir, run_dir / "model", par)
-    log.close()
     summary.update(
         {
             metrics.FINAL_VAL_LOSS: val_loss,
@@ -428,4 +456,5 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     summary[metrics.STATE_BYTES_TOTAL] = int(parallel.reduced([state_bytes])[0])
     if world.main:
         write_json_atomic(run_dir / metrics.SUMMARY_FILE, summary)
+    log.close(summary)
     return summary

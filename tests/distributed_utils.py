@@ -85,10 +85,12 @@ class Tensors(nn.Module):
 
 
 def shard(module: nn.Module, kind: str, world_size: int) -> nn.Module:
-    """``fully_shard`` the module on the mesh of ``kind`` (its parameters become ``Shard(0)`` DTensors)."""
+    """``fully_shard`` the module on the mesh of ``kind`` (its parameters become ``Shard(0)`` DTensors); ``ddp``
+    leaves it whole (DDP's parameters and all-reduced gradients are plain tensors, the same on every rank)."""
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(module, mesh=mesh_for(kind, world_size))
+    if kind != "ddp":
+        fully_shard(module, mesh=mesh_for(kind, world_size))
     return module
 
 
@@ -108,13 +110,14 @@ def optimizer_parity(
     steps: int = 5,
     rtol: float = 1e-5,
     between_steps: Callable[[torch.optim.Optimizer, int], None] | None = None,
-) -> None:
-    """``eopt.build(name)`` on sharded parameters equals the one-process optimizer within ``rtol`` after each step.
+) -> torch.optim.Optimizer:
+    """``eopt.build(name)`` on sharded parameters (``kind`` fsdp or hsdp; whole ones for ddp) equals the one-process
+    optimizer within ``rtol`` after each step.
 
     ``shapes``/``hints`` name the parameters (hints as :func:`eopt.build` takes them); the same random full
     gradient is given to both runs at every step (each rank's shard of it to the sharded run), so only the
     optimizer's handling of shards can make them differ. ``between_steps(optimizer, step)`` runs after each step
-    on both optimizers (e.g. Sophia's Hessian update, which reads ``.grad``).
+    on both optimizers (e.g. Sophia's Hessian update, which reads ``.grad``). Returns the distributed optimizer.
     """
     reference = Tensors(shapes)
     sharded = shard(Tensors(shapes), kind, world_size)
@@ -122,7 +125,9 @@ def optimizer_parity(
     def named(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return [(n.replace("__", "."), p) for n, p in module.named_parameters()]
 
-    ref_opt = eopt.build(named(reference), name, hints=hints, **hparams)
+    # In a process group, plain tensors would make an owner-computes optimizer act as DDP: the reference replicates.
+    one_process = {"matrix_update": "replicated"} if "matrix_update" in eopt.OPTIMIZERS[name].defaults else {}
+    ref_opt = eopt.build(named(reference), name, hints=hints, **{**hparams, **one_process})
     opt = eopt.build(named(sharded), name, hints=hints, **hparams)
     ref_params, params = dict(named(reference)), dict(named(sharded))
     for step in range(steps):
@@ -130,8 +135,12 @@ def optimizer_parity(
         for key, g in grads.items():
             ref_params[key].grad = g.clone()
             p = params[key]
-            p.grad = torch.distributed.tensor.DTensor.from_local(
-                local_slice(g, p).clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            p.grad = (
+                torch.distributed.tensor.DTensor.from_local(
+                    local_slice(g, p).clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )
+                if kind != "ddp"
+                else g.clone()
             )
         ref_opt.step()
         opt.step()
@@ -146,17 +155,7 @@ def optimizer_parity(
             assert err <= rtol, f"{name} {kind} rank {rank} step {step} {key}: relative error {err:.3g} > {rtol}"
     missing = [key for key, p in params.items() if not opt.state.get(p)]
     assert not missing, f"{name} {kind} rank {rank}: no optimizer state for {missing} (DCP needs an entry per param)"
-
-
-# A 2-layer Llama small enough for multi-process recipe runs on CPU (GQA: 2 query heads, 1 key/value head).
-TINY_LLAMA = [
-    "model=llama_tiny",
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "model.n_kv_head=1",
-    "model.intermediate_size=172",
-]
+    return opt
 
 
 def losses(run_dir: Path) -> dict[tuple[int, str], float]:

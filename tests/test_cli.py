@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.tiny import TINY_GPT2
+
 REPO = Path(__file__).resolve().parents[1]
 # A small model and batch so that each run takes seconds on two CPU cores.
 SMALL = [
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
+    *TINY_GPT2,
     "train.seq_len=64",
     "train.batch_size=4",
     "train.micro_batch_size=2",

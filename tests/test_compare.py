@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from recipes.compare import Eval, crossing, main, speedrun_margin
+from tests.tiny import TINY_GPT2, TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 MUON_RGB = (0xD6, 0x27, 0x28)  # the colour recipes.compare gives Muon in every plot
@@ -308,13 +309,8 @@ def test_unknown_baseline_is_a_one_line_error(sweep: Path, tmp_path: Path, capsy
 # ------------------------------------------------------------------------------------- a real tiny sweep
 
 TINY = [
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "train.seq_len=32",
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.eval_tokens=1024",
+    *TINY_GPT2,
+    *TINY_RUN,
     "train.max_steps=8",
     "train.eval_every=2",
     "train.log_every=2",

@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed_utils import TINY_LLAMA, free_port, losses
+from tests.distributed_utils import free_port, losses
+from tests.tiny import TINY_LLAMA, TINY_RUN
 
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    *TINY_LLAMA,
-    "train.seq_len=32",
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.eval_tokens=1024",
-    "train.log_every=1",
-    "train.save_model=false",
-    "logger.progress=false",
-]
+SMALL = [*TINY_LLAMA, *TINY_RUN, "train.log_every=1", "train.save_model=false"]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
 
 

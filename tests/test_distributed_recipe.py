@@ -15,6 +15,10 @@ multi-process launches, each rank running its cases one after another; the tests
   the weights at ``REASSOCIATED_RTOL``;
 - resume at another world size and layout for every optimizer (fsdp 2 -> single, single -> fsdp 2,
   fsdp 2 -> ddp 2): the checkpoint of step 3 is resumed and steps 4-6 must match the run that went on.
+
+Owner-computes Muon (``parallelism.matrix_update=owner``, with NorMuon's second moments, which live on each
+matrix's owner only) runs every case above as an eighth optimizer, plus a resume from fsdp 2 to fsdp 3 ranks,
+which moves each matrix's state to its new owner.
 """
 
 from __future__ import annotations
@@ -29,14 +33,19 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.distributed_utils import TINY_LLAMA, losses, spawn
+from tests.distributed_utils import losses, spawn
+from tests.tiny import TINY_GPT2, TINY_LLAMA
 
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIMIZERS = ("adamw", "muon", "soap", "shampoo", "adam_mini", "adafactor", "sophia")
+# Owner-computes Muon: each matrix's Newton–Schulz on one rank, NorMuon's second moment held there only.
+VARIANTS = {
+    "normuon_owner": ["optimizer=muon", "optimizer.second_moment=normuon", "parallelism.matrix_update=owner"],
+}
+OPTIMIZERS = ("adamw", "muon", "soap", "shampoo", "adam_mini", "adafactor", "sophia", *VARIANTS)
 MODELS = {
-    "gpt2": ["model=gpt2_tiny", "model.n_layer=2", "model.hidden_size=64", "model.n_head=2"],
+    "gpt2": ["model=gpt2_tiny", *TINY_GPT2],
     "llama": TINY_LLAMA,
 }
 # Each optimizer's preconditioner refreshes (and Sophia's Hessian estimates) inside the six steps.
@@ -71,7 +80,7 @@ def overrides(data_root: Path, model: str, optimizer: str, *extra: str) -> list[
     return [
         f"data.root={data_root}",
         *MODELS[model],
-        f"optimizer={optimizer}",
+        *VARIANTS.get(optimizer, [f"optimizer={optimizer}"]),
         *OPTIMIZER_ARGS.get(optimizer, []),
         *TRAIN,
         *extra,
@@ -165,8 +174,13 @@ def runs(pystdlib_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         to_two.append((gpt2 + ["parallelism=fsdp"], str(resumed)))
         resumed = resumable_copy(root / f"fsdp-gpt2-{opt}", root / f"fsdp-to-ddp-gpt2-{opt}")
         to_two.append((gpt2 + ["parallelism=ddp"], str(resumed)))
+    # 2 -> 3 ranks: one micro-batch of 1 per step and rank in both, so the 2-rank run that went on is the reference.
+    six = overrides(pystdlib_data_root, "gpt2", "normuon_owner", "train.batch_size=6", "train.micro_batch_size=1")
+    two_of_six = str(root / "fsdp-gpt2-six-normuon_owner")
+    spawn(run_cases, 2, to_two + [(six + ["parallelism=fsdp"], two_of_six)])
+    resumed = resumable_copy(Path(two_of_six), root / "fsdp-to-fsdp3-gpt2-six-normuon_owner")
+    spawn(run_cases, 3, [(six + ["parallelism=fsdp"], str(resumed))])
     spawn(run_cases, 1, to_one)
-    spawn(run_cases, 2, to_two)
     return root
 
 
@@ -217,3 +231,10 @@ def test_resume_at_another_world_size(runs, resumed, source, optimizer):
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     assert_same_losses(run, original, from_step=4)
     assert_same_weights(run, original, weights_rtol(optimizer))
+
+
+def test_owner_state_moves_to_its_new_owner_from_two_to_three_ranks(runs):
+    run, original = runs / "fsdp-to-fsdp3-gpt2-six-normuon_owner", runs / "fsdp-gpt2-six-normuon_owner"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert_same_losses(run, original, from_step=4)
+    assert_same_weights(run, original, REASSOCIATED_RTOL)

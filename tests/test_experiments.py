@@ -25,6 +25,7 @@ from recipes.config import register_configs, resolve_config
 from recipes.prepare import check_config as check_data_config
 from recipes.trainer import check_config
 from tests.conftest import write_dataset
+from tests.tiny import TINY_GPT2, TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "conf" / "experiment"
@@ -33,19 +34,7 @@ RECIPES = sorted(
     f"{family}/{p.stem}" for family in FAMILIES for p in (EXPERIMENTS / family).glob("*.yaml") if p.stem != "_base"
 )
 WORLD = {"cpu_bench": 1, "speedrun_gpt2_124m": 8, "llama_1b_fineweb": 8}  # launch size each family is written for
-TINY = [
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "train.seq_len=32",
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.eval_tokens=1024",
-    "train.save_model=false",
-    "train.compile=false",
-    "train.device=cpu",
-    "logger.progress=false",
-]
+TINY = [*TINY_GPT2, *TINY_RUN, "train.save_model=false", "train.compile=false", "train.device=cpu"]
 
 
 def compose_recipe(name: str, *overrides: str):

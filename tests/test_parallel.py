@@ -17,18 +17,10 @@ import pytest
 from recipes.config import ParallelismConfig, TrainConfig
 from recipes.errors import ConfigError
 from recipes.parallel import World, degrees, first_host, world_from_env
+from tests.tiny import TINY_GPT2, TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model.n_layer=2",
-    "model.hidden_size=64",
-    "model.n_head=2",
-    "train.seq_len=32",
-    "train.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.eval_tokens=1024",
-    "logger.progress=false",
-]
+SMALL = [*TINY_GPT2, *TINY_RUN]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR")
 
 
@@ -101,7 +93,9 @@ def run_as_rank0(args: list[str], world_size: int) -> subprocess.CompletedProces
         (["parallelism=single"], 2, "use parallelism=ddp, fsdp or hsdp"),
         (["parallelism=fsdp", "optimizer=sophia", "optimizer.estimator=hutchinson"], 2, "hutchinson cannot run"),
         (["parallelism=ddp", "optimizer=sophia", "train.micro_batch_size=1"], 2, "micro_batch_size=1"),
-        (["parallelism=fsdp", "parallelism.matrix_update=owner"], 2, "matrix_update='owner'"),
+        (["parallelism=fsdp", "parallelism.matrix_update=ownr"], 2, "matrix_update='ownr' is unknown"),
+        (["parallelism=fsdp", "parallelism.matrix_update=owner", "optimizer=soap"], 2, "matrix_update=replicated"),
+        (["parallelism=ddp", "optimizer=muon", "+optimizer.matrix_update=owner"], 2, "parallelism.matrix_update"),
         (["parallelism=tp"], 2, "parallelism/tp"),
     ],
 )

@@ -1,0 +1,214 @@
+"""Owner-computes against replicated Muon on 2 CPU ranks: optimizer step time, state and traffic per rank.
+
+    python benchmarks/owner_compute.py [--sizes small,large] [--layouts fsdp,ddp] [--steps 12]
+
+The parameters are ``benchmarks/optimizer_step.py``'s Llamas (``small`` 5.1M, ``large`` 29.5M) with fixed random
+gradients. ``one process`` times ``Muon.step()`` on the whole model with one thread; then 2 gloo ranks with one
+thread each (``torch.multiprocessing``) run the same step on FSDP2 shards (``fully_shard`` per decoder layer and
+the root, as the recipe) or on whole parameters (DDP), with ``matrix_update`` ``replicated`` and ``owner``, the
+cases timed interleaved. A step's time is the slowest rank's (the ranks meet at a barrier before and after it);
+the table gives medians over ``--steps`` steps after one warm-up step, and:
+
+- ``state/rank``: the largest rank's bytes of Muon-group state (here NorMuon, whose second moment is owner-only);
+- ``sent/step``: bytes all ranks send per step in eopt's collectives, counted at ``all_to_all_single`` and
+  ``all_gather`` (``replicated`` gathers each full ``u`` through DTensor: ``(W - 1) x`` the matrix bytes,
+  computed); ``minimum`` is what owner-computes cannot avoid: under FSDP2 every matrix's shards go to its owner
+  and its update comes back, ``2 (W - 1) / W x`` the matrix bytes; under DDP the updates reach the other ranks,
+  ``(W - 1) x``.
+
+Run it with nothing else on the machine: the ranks' threads and the one-process thread share its 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import eopt  # noqa: E402
+from benchmarks.optimizer_step import SIZES, build_model, fresh_params, llama  # noqa: E402
+from eopt.distributed import local, local_slice  # noqa: E402
+
+MODES = ("replicated", "owner")
+HPARAMS = {"second_moment": "normuon"}
+WORLD = 2
+
+
+def muon_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups if g["algorithm"] == "muon" for p in g["params"]]
+
+
+def muon_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        local(v).numel() * v.element_size()
+        for p in muon_params(opt)
+        for v in opt.state[p].values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def matrix_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(p.numel() * p.element_size() for p in muon_params(opt))
+
+
+class Traffic:
+    """Counts the bytes this rank sends to other ranks in ``all_to_all_single`` and ``all_gather``."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self._a2a, self._ag = dist.all_to_all_single, dist.all_gather
+
+    def __enter__(self) -> Traffic:
+        def a2a(out, inp, out_splits=None, in_splits=None, group=None, async_op=False):
+            me = dist.get_rank(group)
+            self.sent += (inp.numel() - (in_splits[me] if in_splits else inp.numel() // dist.get_world_size(group))) * (
+                inp.element_size()
+            )
+            return self._a2a(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+
+        def ag(outs, inp, group=None, async_op=False):
+            self.sent += (len(outs) - 1) * inp.numel() * inp.element_size()
+            return self._ag(outs, inp, group=group, async_op=async_op)
+
+        dist.all_to_all_single, dist.all_gather = a2a, ag
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist.all_to_all_single, dist.all_gather = self._a2a, self._ag
+
+
+def build(size: str, layout: str, mode: str, world: int) -> torch.optim.Optimizer:
+    """Muon over the model's parameters (sharded for fsdp) with the benchmark's fixed gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    named, info = build_model(size)
+    grads = {name: p.grad for name, p in fresh_params(named, seed=0)}
+    model = llama(size)
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    named = list(model.named_parameters())
+    for name, p in named:
+        g = grads[name]
+        p.grad = (
+            DTensor.from_local(local_slice(g, p).clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            if layout == "fsdp"
+            else g.clone()
+        )
+    return eopt.build(named, "muon", hints=info["hints"], matrix_update=mode, **HPARAMS)
+
+
+def _rank(rank: int, world: int, port: int, sizes: list[str], layouts: list[str], steps: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for size in sizes:
+            for layout in layouts:
+                opts = {mode: build(size, layout, mode, world) for mode in MODES}
+                times = {mode: [] for mode in MODES}
+                sent = dict.fromkeys(MODES, 0)
+                for step in range(steps + 1):
+                    for mode, opt in opts.items():
+                        dist.barrier()
+                        start = time.perf_counter()
+                        with Traffic() as traffic:
+                            opt.step()
+                        dist.barrier()
+                        elapsed = torch.tensor(time.perf_counter() - start)
+                        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                        if step:
+                            times[mode].append(elapsed.item())
+                            sent[mode] = traffic.sent
+                for mode, opt in opts.items():
+                    state = torch.tensor(muon_state_bytes(opt))
+                    dist.all_reduce(state, op=dist.ReduceOp.MAX)
+                    total = torch.tensor(sent[mode])
+                    dist.all_reduce(total)
+                    if rank == 0:
+                        out[(size, layout, mode)] = {
+                            "ms": statistics.median(times[mode]) * 1e3,
+                            "state": state.item(),
+                            "sent": total.item(),
+                            "matrix_bytes": matrix_bytes(opt),
+                        }
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def one_process(size: str, steps: int) -> dict:
+    torch.set_num_threads(1)
+    named, info = build_model(size)
+    opt = eopt.build(fresh_params(named, seed=0), "muon", hints=info["hints"], **HPARAMS)
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        opt.step()
+        if step:
+            times.append(time.perf_counter() - start)
+    return {"ms": statistics.median(times) * 1e3, "state": muon_state_bytes(opt), "matrix_bytes": matrix_bytes(opt)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="small,large", help=f"comma-separated: {', '.join(SIZES)}")
+    parser.add_argument("--layouts", default="fsdp,ddp", help="comma-separated: fsdp, ddp")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per case (after one warm-up)")
+    args = parser.parse_args(argv)
+    sizes, layouts = args.sizes.split(","), args.layouts.split(",")
+    for name in sizes:
+        if name not in SIZES:
+            parser.error(f"--sizes: unknown size {name!r}; choose from {', '.join(SIZES)}")
+    for name in layouts:
+        if name not in ("fsdp", "ddp"):
+            parser.error(f"--layouts: unknown layout {name!r}; choose fsdp or ddp")
+
+    from tests.distributed_utils import free_port
+
+    results = mp.Manager().dict()
+    mp.start_processes(
+        _rank, args=(WORLD, free_port(), sizes, layouts, args.steps, results), nprocs=WORLD, start_method="spawn"
+    )
+    print(f"Muon ({HPARAMS}), {WORLD} ranks x 1 thread vs one process x 1 thread; median of {args.steps} steps\n")
+    print(
+        "| model | layout | matrix_update | step ms (slowest rank) | vs replicated | vs one process | "
+        "state/rank MiB | vs one process | sent/step MiB | vs minimum |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    mib = 2.0**20
+    for size in sizes:
+        one = one_process(size, args.steps)
+        print(f"| {size} | one process | - | {one['ms']:.1f} | | 1.00x | {one['state'] / mib:.2f} | 1.00x | 0 | |")
+        for layout in layouts:
+            replicated = results[(size, layout, "replicated")]
+            for mode in MODES:
+                r = results[(size, layout, mode)]
+                matrix = r["matrix_bytes"]
+                if mode == "replicated":
+                    sent = (WORLD - 1) * matrix if layout == "fsdp" else 0
+                else:
+                    sent = r["sent"]
+                minimum = 2 * (WORLD - 1) / WORLD * matrix if layout == "fsdp" else (WORLD - 1) * matrix
+                print(
+                    f"| {size} | {layout} | {mode} | {r['ms']:.1f} | {r['ms'] / replicated['ms']:.2f}x | "
+                    f"{r['ms'] / one['ms']:.2f}x | {r['state'] / mib:.2f} | {r['state'] / one['state']:.2f}x | "
+                    f"{sent / mib:.2f} | {sent / minimum:.2f}x |"
+                )
+
+
+if __name__ == "__main__":
+    main()

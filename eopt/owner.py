@@ -1,0 +1,247 @@
+"""Owner-computes matrix updates (``matrix_update="owner"``): each matrix's work runs once, on one rank.
+
+With ``matrix_update="replicated"`` (:mod:`eopt.distributed`) every rank gathers every full matrix and runs
+every Newton–Schulz, so at W ranks the matrix work and its state are W times what is needed. Here each
+param group gets a :class:`Plan`, built once and identically on every rank without communication:
+
+- **Units and costs.** A unit is one parameter (all its ``split_qkv`` pieces); its cost is the FLOPs of its
+  matrix work (e.g. Newton–Schulz on each piece) and its state bytes are what only the owner holds.
+- **Assignment.** Greedy longest-processing-time: units in order of decreasing cost (ties by position) each
+  go to the least-loaded rank (ties to the lowest; loads carried from one group to the next, so the
+  optimizer's matrices are balanced as a whole), over *all* ranks: the shard ranks of FSDP2, the
+  replicate x shard ranks of HSDP (so no replica repeats another's work) and the ranks of DDP.
+- **Gather** (:meth:`Plan.gather`). Under FSDP2/HSDP the ranks of the owner's shard group send it their rows of
+  the unit's input in one ``all_to_all_single`` with uneven splits (never ``full_tensor()``, which would send
+  every matrix to every rank); under DDP the owner already holds the full input.
+- **Scatter** (:meth:`Plan.scatter`). The owner sends each shard rank its rows of the update (the reverse
+  ``all_to_all_single``), then, when there are several replicas (HSDP, DDP), each rank all-gathers the rows
+  that the other replicas' owners computed along the replicate group. Every rank then applies the rows it
+  holds with elementwise ops.
+
+Traffic per step is the minimum for a sharded matrix: each unit's shards go to its owner once and its
+update comes back once, plus the replicate-group all-gather that replicas need anyway.
+
+State that only the owner needs (NorMuon's and AdaMuon's second moments) lives on the owner only, as a plain
+tensor under the parameter's usual key: ``torch.distributed.checkpoint`` saves the one copy and, after a
+change of world size, each new owner's placeholder loads it by key (the plan is rebuilt from the new world).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+MATRIX_UPDATES = ("owner", "replicated")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The ranks that share a param group's matrix work: ``replicas`` x ``shards``, rank = replica * shards + shard.
+
+    ``shard_group`` holds the ranks with the other row shards of a parameter (FSDP2's mesh, HSDP's shard dim;
+    ``None`` when parameters are whole, as under DDP); ``replicate_group`` the ranks with the same rows (HSDP's
+    replicate dim, DDP's world; ``None`` under FSDP2).
+    """
+
+    shards: int
+    shard: int
+    shard_group: dist.ProcessGroup | None
+    replicas: int
+    replica: int
+    replicate_group: dist.ProcessGroup | None
+
+    @property
+    def size(self) -> int:
+        return self.replicas * self.shards
+
+    @property
+    def rank(self) -> int:
+        return self.replica * self.shards + self.shard
+
+
+def ranks_of(p: torch.Tensor) -> Ranks | None:
+    """The :class:`Ranks` over which ``p``'s updates are shared, or ``None`` for a one-process run.
+
+    A DTensor parameter (FSDP2, HSDP) names them through its mesh: its ``Shard(0)`` dim and its ``Replicate``
+    dim. A plain parameter inside an initialized process group of several ranks is taken as DDP (whole and
+    identical on every rank of the default group).
+    """
+    if isinstance(p, DTensor):
+        mesh, placements = p.device_mesh, p.placements
+        shard_dims = [d for d, pl in enumerate(placements) if isinstance(pl, Shard)]
+        replicate_dims = [d for d, pl in enumerate(placements) if isinstance(pl, Replicate)]
+        if len(shard_dims) > 1 or len(replicate_dims) > 1 or any(placements[d].dim != 0 for d in shard_dims):
+            raise ValueError(f"matrix_update='owner' takes Shard(0) (FSDP2) or HSDP placements, got {placements}")
+        ranks = {}
+        for kind, dims in (("shard", shard_dims), ("replicate", replicate_dims)):
+            ranks[kind] = (
+                (mesh.size(dims[0]), mesh.get_local_rank(dims[0]), mesh.get_group(dims[0])) if dims else (1, 0, None)
+            )
+        return Ranks(*ranks["shard"], *ranks["replicate"])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Ranks(1, 0, None, dist.get_world_size(), dist.get_rank(), dist.group.WORLD)
+    return None
+
+
+def assign(costs: Sequence[float], loads: list[float]) -> list[int]:
+    """The owner rank of each unit: greedy longest-processing-time balancing of ``costs`` over ``len(loads)`` ranks.
+
+    ``loads`` are the ranks' loads so far (the plans of earlier param groups), updated in place, so that
+    consecutive groups balance the optimizer's total. Deterministic (units by decreasing cost, ties by index;
+    each to the least-loaded rank, ties to the lowest rank), so every rank computes the same assignment without
+    communicating.
+    """
+    owners = [0] * len(costs)
+    for unit in sorted(range(len(costs)), key=lambda u: (-costs[u], u)):
+        rank = min(range(len(loads)), key=lambda r: (loads[r], r))
+        owners[unit] = rank
+        loads[rank] += costs[unit]
+    return owners
+
+
+def _rows(n: int, shards: int, shard: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a dim-0 size ``n`` held by ``shard`` of ``shards`` (``torch.chunk``, as FSDP2)."""
+    chunk = -(-n // shards)
+    return min(shard * chunk, n), min((shard + 1) * chunk, n)
+
+
+class Plan:
+    """Who computes each unit of one param group, and the collectives that move inputs to owners and back.
+
+    Args:
+        shapes: the global shape of each parameter (unit) of the group.
+        costs: each unit's matrix-work FLOPs per step (what the assignment balances).
+        state_bytes: the bytes of each unit's owner-only state (reported, not balanced).
+        ranks: :func:`ranks_of` a parameter of the group.
+        dtype, device: of the exchanged inputs and results (the parameters').
+        loads: the ranks' costs from the plans of the optimizer's earlier groups (updated in place), so that
+            the assignment balances all the optimizer's matrices, not each group on its own.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[torch.Size],
+        costs: Sequence[float],
+        state_bytes: Sequence[int],
+        ranks: Ranks,
+        dtype: torch.dtype,
+        device: torch.device,
+        loads: list[float],
+    ) -> None:
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.costs = list(costs)
+        self.state_bytes = list(state_bytes)
+        self.ranks = ranks
+        self.dtype, self.device = dtype, device
+        self.owners = assign(self.costs, loads)
+
+    def owns(self, unit: int) -> bool:
+        """Whether this rank computes ``unit``."""
+        return self.owners[unit] == self.ranks.rank
+
+    def loads(self) -> tuple[list[float], list[int]]:
+        """This group's matrix-work FLOPs and owner-only state bytes on each rank."""
+        flops, held = [0.0] * self.ranks.size, [0] * self.ranks.size
+        for unit, owner in enumerate(self.owners):
+            flops[owner] += self.costs[unit]
+            held[owner] += self.state_bytes[unit]
+        return flops, held
+
+    def _numel(self, unit: int, shard: int) -> int:
+        """Elements of ``unit`` held by shard rank ``shard``."""
+        start, stop = _rows(self.shapes[unit][0], self.ranks.shards, shard)
+        return (stop - start) * math.prod(self.shapes[unit][1:])
+
+    def _owned_by(self, rank: int, active: Sequence[int]) -> list[int]:
+        return [u for u in active if self.owners[u] == rank]
+
+    def _by_shard_owner(self, active: Sequence[int]) -> list[list[int]]:
+        """For each rank of this rank's shard group, the ``active`` units it owns."""
+        r = self.ranks
+        return [self._owned_by(r.replica * r.shards + d, active) for d in range(r.shards)]
+
+    def _exchange(self, send: list[torch.Tensor], in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+        """One ``all_to_all_single`` over the shard group with uneven splits (gloo's list form rejects them)."""
+        inp = torch.cat(send) if send else torch.empty(0, dtype=self.dtype, device=self.device)
+        out = torch.empty(sum(out_splits), dtype=self.dtype, device=self.device)
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ranks.shard_group)
+        return out
+
+    def gather(self, active: Sequence[int], parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The full input of every unit this rank owns among ``active`` (in ``active`` order).
+
+        ``parts[j]`` is this rank's rows of unit ``active[j]``'s input (the whole of it when unsharded).
+        """
+        r = self.ranks
+        part_of = dict(zip(active, parts, strict=True))
+        mine = self._owned_by(r.rank, active)
+        if r.shards == 1:
+            return [part_of[u] for u in mine]
+        dests = self._by_shard_owner(active)
+        out = self._exchange(
+            [part_of[u].reshape(-1) for units in dests for u in units],
+            in_splits=[sum(self._numel(u, r.shard) for u in units) for units in dests],
+            out_splits=[sum(self._numel(u, s) for u in mine) for s in range(r.shards)],
+        )
+        rows: dict[int, list[torch.Tensor]] = {u: [] for u in mine}
+        for s, chunk in enumerate(out.split([sum(self._numel(u, s) for u in mine) for s in range(r.shards)])):
+            for u, piece in zip(mine, chunk.split([self._numel(u, s) for u in mine]), strict=True):
+                rows[u].append(piece)
+        return [torch.cat(rows[u]).view(self.shapes[u]) for u in mine]
+
+    def scatter(self, active: Sequence[int], fulls: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's rows of every ``active`` unit's result, one tensor per unit shaped like its rows.
+
+        ``fulls`` are the full results of the units this rank owns among ``active``, in the order :meth:`gather`
+        returned their inputs.
+        """
+        r = self.ranks
+        mine = self._owned_by(r.rank, active)
+        local_shape = {}
+        for u in active:
+            start, stop = _rows(self.shapes[u][0], r.shards, r.shard)
+            local_shape[u] = (stop - start, *self.shapes[u][1:])
+        result: dict[int, torch.Tensor] = {}
+        if r.shards == 1:
+            result.update(zip(mine, fulls, strict=True))
+        else:
+            send = []
+            for s in range(r.shards):
+                for u, full in zip(mine, fulls, strict=True):
+                    start, stop = _rows(self.shapes[u][0], r.shards, s)
+                    send.append(full[start:stop].reshape(-1))
+            sources = self._by_shard_owner(active)
+            out_splits = [sum(self._numel(u, r.shard) for u in units) for units in sources]
+            out = self._exchange(
+                send, in_splits=[sum(self._numel(u, s) for u in mine) for s in range(r.shards)], out_splits=out_splits
+            )
+            for chunk, units in zip(out.split(out_splits), sources, strict=True):
+                for u, piece in zip(units, chunk.split([self._numel(u, r.shard) for u in units]), strict=True):
+                    result[u] = piece.view(local_shape[u])
+        if r.replicas > 1:
+            self._gather_replicas(active, result, local_shape)
+        return [result[u] for u in active]
+
+    def _gather_replicas(self, active: Sequence[int], result: dict[int, torch.Tensor], local_shape: dict) -> None:
+        """Complete ``result`` with the rows that the other replicas' owners computed: one all-gather over the
+        replicate group, each replica's rows padded to the longest."""
+        r = self.ranks
+        by_replica = [[u for u in active if self.owners[u] // r.shards == q] for q in range(r.replicas)]
+        sizes = [sum(self._numel(u, r.shard) for u in units) for units in by_replica]
+        buf = torch.zeros(max(sizes), dtype=self.dtype, device=self.device)
+        mine = [result[u].reshape(-1) for u in by_replica[r.replica]]
+        if mine:
+            torch.cat(mine, out=buf[: sizes[r.replica]])
+        bufs = [torch.empty_like(buf) for _ in range(r.replicas)]
+        dist.all_gather(bufs, buf, group=r.replicate_group)
+        for q, (units, got) in enumerate(zip(by_replica, bufs, strict=True)):
+            if q == r.replica:
+                continue
+            pieces = got[: sizes[q]].split([self._numel(u, r.shard) for u in units])
+            for u, piece in zip(units, pieces, strict=True):
+                result[u] = piece.view(local_shape[u])

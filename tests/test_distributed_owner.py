@@ -1,0 +1,109 @@
+"""Owner-computes Muon (``matrix_update="owner"``) under DDP, FSDP2 and HSDP (gloo, CPU ranks).
+
+Each matrix is orthogonalized on one rank only (:mod:`eopt.owner`); the checks: the result equals one process
+and the replicated reference, each matrix is orthogonalized exactly once per step over all ranks, owner-only
+state shrinks with the ranks, and the plan is the same on every rank and balanced.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import eopt.muon
+from eopt.owner import assign
+from tests.distributed_utils import Tensors, optimizer_parity, spawn
+from tests.test_distributed_matrix import QKV_HINTS, QKV_SHAPES, SHAPES
+
+pytestmark = pytest.mark.distributed
+
+# 3 ranks divide neither the 5 matrices nor most dims; HSDP 2 x 2 assigns over all 4 ranks.
+KINDS = [("ddp", 2), ("ddp", 3), ("fsdp", 3), ("hsdp", 4)]
+
+MUON_CASES = [
+    (SHAPES, {}, {"lr": 0.02, "weight_decay": 0.1}),
+    (SHAPES, {}, {"lr": 0.02, "weight_decay": 0.1, "foreach": False}),
+    (SHAPES, {}, {"lr": 0.02, "nesterov": False, "second_moment": "normuon"}),
+    (SHAPES, {}, {"lr": 0.02, "second_moment": "adamuon", "scale": "match_rms_adamw"}),
+    (QKV_SHAPES, QKV_HINTS, {"lr": 0.02, "weight_decay": 0.1, "second_moment": "normuon"}),
+    (QKV_SHAPES, QKV_HINTS, {"lr": 0.02, "weight_decay": 0.1, "second_moment": "adamuon"}),
+]
+
+
+def _parity(rank: int, world_size: int, kind: str) -> None:
+    for shapes, hints, hparams in MUON_CASES:
+        for mode in ("owner", "replicated"):
+            optimizer_parity(rank, world_size, kind, "muon", shapes, hints, {**hparams, "matrix_update": mode})
+
+
+@pytest.mark.parametrize(("kind", "world_size"), KINDS)
+def test_owner_and_replicated_match_one_process(kind, world_size):
+    spawn(_parity, world_size, kind)
+
+
+def _counted(rank: int, world_size: int, kind: str) -> None:
+    # Count every matrix orthogonalized on this rank (the stack depth of each Newton–Schulz call).
+    calls = []
+    real = eopt.muon.orthogonalize
+    eopt.muon.orthogonalize = lambda group, X: calls.append(X.shape[0]) or real(group, X)
+    steps = 3
+    optimizer_parity(rank, world_size, kind, "muon", QKV_SHAPES, QKV_HINTS, {"second_moment": "normuon"}, steps)
+    eopt.muon.orthogonalize = real
+    # optimizer_parity also ran the one-process optimizer here, which orthogonalized every piece at every step.
+    pieces = (
+        sum(1 for s in QKV_SHAPES.values() if len(s) >= 2) - 1 + len(QKV_HINTS["h.attn.c_attn.weight"]["split_qkv"])
+    )
+    mine = torch.tensor(sum(calls) - pieces * steps)
+    everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    assert sum(t.item() for t in everyone) == pieces * steps, f"pieces orthogonalized per rank: {everyone}"
+    assert sum(t.item() > 0 for t in everyone) > 1, f"one rank did all the work: {everyone}"
+
+
+@pytest.mark.parametrize(("kind", "world_size"), [("ddp", 3), ("fsdp", 2), ("hsdp", 4)])
+def test_each_matrix_is_orthogonalized_once_per_step(kind, world_size):
+    spawn(_counted, world_size, kind)
+
+
+EQUAL = {f"m{i}.weight": (8, 12) for i in range(6)}
+
+
+def _state_bytes(rank: int, world_size: int, kind: str) -> None:
+    def muon_state(opt) -> int:
+        muon = [p for g in opt.param_groups if g["algorithm"] == "muon" for p in g["params"]]
+        return sum(
+            (v.to_local() if hasattr(v, "to_local") else v).numel() * v.element_size()
+            for p in muon
+            for v in opt.state[p].values()
+            if isinstance(v, torch.Tensor)
+        )
+
+    hparams = {"second_moment": "adamuon"}
+    # Plain tensors in a process group count as DDP: "replicated" holds what one process would.
+    one = eopt.build(list(Tensors(EQUAL).named_parameters()), "muon", **hparams, matrix_update="replicated")
+    opt = optimizer_parity(rank, world_size, kind, "muon", EQUAL, {}, {**hparams, "matrix_update": "owner"})
+    ratio = muon_state(opt) / muon_state(one)
+    # FSDP: momentum sharded, moment2 on the owner: 1/W. DDP: momentum whole, moment2 on the owner.
+    bound = 0.55 if kind == "fsdp" else (1 + 1 / world_size) / 2 + 0.05
+    assert ratio <= bound, f"{kind} rank {rank}: Muon state {ratio:.2f}x one process (bound {bound:.2f})"
+    plan = opt.plan()
+    assert plan["units"] == len(EQUAL) and plan["ranks"] == world_size and plan["balance"] == 1.0, plan
+    owners = [None] * world_size
+    dist.all_gather_object(owners, plan["owners"])
+    assert all(o == owners[0] for o in owners), "the plan differs between ranks"
+
+
+@pytest.mark.parametrize(("kind", "world_size"), [("fsdp", 2), ("ddp", 2)])
+def test_owner_state_shrinks_with_the_ranks(kind, world_size):
+    spawn(_state_bytes, world_size, kind)
+
+
+def test_assignment_is_longest_first_to_the_least_loaded_rank():
+    # By hand: 9 -> 0, 7 -> 1, 6 -> 2, 5 -> 2 (11), 4 -> 1 (11), 4 -> 0 (13), 3 -> 1 (14); ties to the lower rank.
+    loads = [0.0, 0.0, 0.0]
+    assert assign([9.0, 7.0, 6.0, 5.0, 4.0, 4.0, 3.0], loads) == [0, 1, 2, 2, 1, 0, 1]
+    assert loads == [13.0, 14.0, 11.0]
+    # The next group starts from those loads: 2 -> 2 (13), then the tie 13/13 goes to rank 0.
+    assert assign([2.0, 2.0], loads) == [2, 0]
+    assert assign([1.0, 1.0], [0.0] * 4) == [0, 1]
