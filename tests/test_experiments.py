@@ -162,7 +162,7 @@ def test_a_cpu_bench_sweep_runs_and_the_compare_tool_reads_it(pystdlib_data_root
         assert (summary["model"], summary["optimizer"], summary["steps"], summary["tokens"]) == (
             "gpt2_cpu_bench",
             "soap",
-            2,
+            4,  # 4096 tokens at 8 x 128 per step
             4096,
         )
     out = tmp_path / "report"
