@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 MATRIX_UPDATES = ("owner", "replicated")
@@ -43,17 +44,28 @@ MATRIX_UPDATES = ("owner", "replicated")
 class Ranks:
     """The ranks that share a param group's matrix work: ``replicas`` x ``shards``, rank = replica * shards + shard.
 
-    ``shard_group`` holds the ranks with the other row shards of a parameter (FSDP2's mesh, HSDP's shard dim;
-    ``None`` when parameters are whole, as under DDP); ``replicate_group`` the ranks with the same rows (HSDP's
-    replicate dim, DDP's world; ``None`` under FSDP2).
+    The shard group holds the ranks with the other row shards of a parameter (FSDP2's mesh, HSDP's shard dim
+    ``shard_dim``); the replicate group the ranks with the same rows (HSDP's replicate dim ``replicate_dim``, or
+    the default group under DDP, where there is no ``mesh``). The groups are looked up at each use rather than
+    held, so that a plan never keeps a process group alive past ``destroy_process_group``.
     """
 
     shards: int
     shard: int
-    shard_group: dist.ProcessGroup | None
     replicas: int
     replica: int
-    replicate_group: dist.ProcessGroup | None
+    mesh: DeviceMesh | None = None
+    shard_dim: int | None = None
+    replicate_dim: int | None = None
+
+    def shard_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.get_group(self.shard_dim) if self.mesh is not None and self.shard_dim is not None else None
+
+    def replicate_group(self) -> dist.ProcessGroup | None:
+        """The replicate dim's group; ``None`` (the default group) under DDP."""
+        if self.mesh is not None and self.replicate_dim is not None:
+            return self.mesh.get_group(self.replicate_dim)
+        return None
 
     @property
     def size(self) -> int:
@@ -77,14 +89,14 @@ def ranks_of(p: torch.Tensor) -> Ranks | None:
         replicate_dims = [d for d, pl in enumerate(placements) if isinstance(pl, Replicate)]
         if len(shard_dims) > 1 or len(replicate_dims) > 1 or any(placements[d].dim != 0 for d in shard_dims):
             raise ValueError(f"matrix_update='owner' takes Shard(0) (FSDP2) or HSDP placements, got {placements}")
-        ranks = {}
-        for kind, dims in (("shard", shard_dims), ("replicate", replicate_dims)):
-            ranks[kind] = (
-                (mesh.size(dims[0]), mesh.get_local_rank(dims[0]), mesh.get_group(dims[0])) if dims else (1, 0, None)
-            )
-        return Ranks(*ranks["shard"], *ranks["replicate"])
+        shard_dim = shard_dims[0] if shard_dims else None
+        replicate_dim = replicate_dims[0] if replicate_dims else None
+        (shards, shard), (replicas, replica) = (
+            (mesh.size(d), mesh.get_local_rank(d)) if d is not None else (1, 0) for d in (shard_dim, replicate_dim)
+        )
+        return Ranks(shards, shard, replicas, replica, mesh=mesh, shard_dim=shard_dim, replicate_dim=replicate_dim)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return Ranks(1, 0, None, dist.get_world_size(), dist.get_rank(), dist.group.WORLD)
+        return Ranks(1, 0, dist.get_world_size(), dist.get_rank())
     return None
 
 
@@ -169,7 +181,7 @@ class Plan:
         """One ``all_to_all_single`` over the shard group with uneven splits (gloo's list form rejects them)."""
         inp = torch.cat(send) if send else torch.empty(0, dtype=self.dtype, device=self.device)
         out = torch.empty(sum(out_splits), dtype=self.dtype, device=self.device)
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ranks.shard_group)
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ranks.shard_group())
         return out
 
     def gather(self, active: Sequence[int], parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -238,7 +250,7 @@ class Plan:
         if mine:
             torch.cat(mine, out=buf[: sizes[r.replica]])
         bufs = [torch.empty_like(buf) for _ in range(r.replicas)]
-        dist.all_gather(bufs, buf, group=r.replicate_group)
+        dist.all_gather(bufs, buf, group=r.replicate_group())
         for q, (units, got) in enumerate(zip(by_replica, bufs, strict=True)):
             if q == r.replica:
                 continue

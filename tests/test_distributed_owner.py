@@ -89,9 +89,10 @@ def _state_bytes(rank: int, world_size: int, kind: str) -> None:
     assert ratio <= bound, f"{kind} rank {rank}: Muon state {ratio:.2f}x one process (bound {bound:.2f})"
     plan = opt.plan()
     assert plan["units"] == len(EQUAL) and plan["ranks"] == world_size and plan["balance"] == 1.0, plan
-    owners = [None] * world_size
-    dist.all_gather_object(owners, plan["owners"])
-    assert all(o == owners[0] for o in owners), "the plan differs between ranks"
+    mine = torch.tensor([plan["owners"][name] for name in EQUAL])
+    everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    assert all(torch.equal(o, mine) for o in everyone), f"the plan differs between ranks: {everyone}"
 
 
 @pytest.mark.parametrize(("kind", "world_size"), [("fsdp", 2), ("ddp", 2)])
