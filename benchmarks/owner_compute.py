@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eopt  # noqa: E402
 from benchmarks.optimizer_step import SIZES, build_model, fresh_params, llama  # noqa: E402
 from eopt.distributed import local, local_slice  # noqa: E402
+from recipes.models import param_hints  # noqa: E402
 
 MODES = ("replicated", "owner")
 HPARAMS = {"second_moment": "normuon"}
@@ -68,11 +69,8 @@ class Traffic:
         self._a2a, self._ag = dist.all_to_all_single, dist.all_gather
 
     def __enter__(self) -> Traffic:
-        def a2a(out, inp, out_splits=None, in_splits=None, group=None, async_op=False):
-            me = dist.get_rank(group)
-            self.sent += (inp.numel() - (in_splits[me] if in_splits else inp.numel() // dist.get_world_size(group))) * (
-                inp.element_size()
-            )
+        def a2a(out, inp, out_splits, in_splits, group=None, async_op=False):
+            self.sent += (inp.numel() - in_splits[dist.get_rank(group)]) * inp.element_size()
             return self._a2a(out, inp, out_splits, in_splits, group=group, async_op=async_op)
 
         def ag(outs, inp, group=None, async_op=False):
@@ -92,9 +90,9 @@ def build(size: str, layout: str, mode: str, world: int) -> torch.optim.Optimize
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    named, info = build_model(size)
-    grads = {name: p.grad for name, p in fresh_params(named, seed=0)}
     model = llama(size)
+    hints = param_hints(model)
+    grads = {name: p.grad for name, p in fresh_params(list(model.named_parameters()), seed=0)}
     if layout == "fsdp":
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
@@ -108,7 +106,7 @@ def build(size: str, layout: str, mode: str, world: int) -> torch.optim.Optimize
             if layout == "fsdp"
             else g.clone()
         )
-    return eopt.build(named, "muon", hints=info["hints"], matrix_update=mode, **HPARAMS)
+    return eopt.build(named, "muon", hints=hints, matrix_update=mode, **HPARAMS)
 
 
 def _rank(rank: int, world: int, port: int, sizes: list[str], layouts: list[str], steps: int, out: dict) -> None:
