@@ -36,8 +36,8 @@ pidfile() {
 
 alive() {
 	local pidfile=$1 pid state
-	[ -s "$pidfile" ] || return 1
-	pid=$(cat "$pidfile")
+	pid=$(cat "$pidfile" 2>/dev/null) || return 1  # a daemon may remove its pid file as it exits
+	[ -n "$pid" ] || return 1
 	[ -r "/proc/$pid/stat" ] || return 1
 	state=$(sed 's/^.*) //' "/proc/$pid/stat" | cut -d' ' -f1)
 	[ "$state" != Z ] && [ "$state" != X ]
@@ -80,6 +80,7 @@ ClusterName=eopt
 SlurmctldHost=localhost
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -105,6 +106,7 @@ EOF
 		umask 077
 		cat >"$DIR/slurmdbd.conf" <<EOF
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 DbdHost=localhost
 SlurmUser=root
 PidFile=$DIR/run/slurmdbd.pid
@@ -203,7 +205,7 @@ stop() {
 				alive "$pidfile" || break
 				sleep 0.1
 			done
-			alive "$pidfile" && kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
+			alive "$pidfile" && kill -KILL "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
 		fi
 		rm -f "$pidfile"
 	done
