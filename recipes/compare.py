@@ -1,11 +1,13 @@
-"""Speedrun-style comparison of optimizer runs, from run files only.
+"""Speedrun-style comparison of optimizer runs, from their run files or from wandb.
 
     python -m recipes.compare outputs/cpu_bench --target 4.2 --baseline adamw --out benchmarks/cpu_bench
+    python -m recipes.compare --wandb my-team/eopt-recipes:lr-sweep-1
 
 Reads every run directory under the given paths (a directory holding ``.hydra/config.yaml``; its
-``metrics.jsonl`` and ``summary.json`` when present), groups the runs by optimizer and by any other config key
-that differs between them, picks each group's best learning rate, and writes ``report.md`` with plots. The
-rules (written into the report too):
+``metrics.jsonl`` and ``summary.json`` when present) and the runs of each ``--wandb`` source (a project or
+group on the server, or local offline runs: :mod:`recipes.wandb_runs`), groups the runs by optimizer and by any
+other config key that differs between them, picks each group's best learning rate, and writes ``report.md``
+with plots. The rules (written into the report too):
 
 - **Best LR**: the lowest mean final val loss over seeds; an LR at which any seed diverged is not eligible.
 - **Tokens (time) to target**: the first eval at or below the target, linearly interpolated in tokens (train
@@ -79,7 +81,7 @@ class Eval:
 class Run:
     """One training run as its files describe it."""
 
-    path: Path
+    path: Path | str  # the run directory, or where a wandb run was read from (its URL or offline directory)
     config: dict[str, Any]  # flattened: "optimizer.lr" -> 0.02
     status: str  # done | diverged | stopped | running
     evals: list[Eval]
@@ -88,6 +90,7 @@ class Run:
     ms_per_step: float | None
     optim_ms: float | None
     state_bytes: int | None
+    wandb_id: str | None = None  # the wandb run this run logs to (``logger=wandb``), if any
 
     @property
     def optimizer(self) -> str:
@@ -161,7 +164,8 @@ def speed(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
 
 
 def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -> Run:
-    """Read the run directory ``path`` (it holds ``.hydra/config.yaml``) and decide its status."""
+    """Read the run directory ``path`` (it holds ``.hydra/config.yaml``) and decide its status: a run without a
+    summary whose ``metrics.jsonl`` changed within ``running_window`` seconds is still running."""
     config_path = path / ".hydra" / "config.yaml"
     try:
         tree = yaml.safe_load(_read_text(config_path))
@@ -169,10 +173,27 @@ def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -
         raise CompareError(f"{config_path} is not valid YAML ({type(e).__name__})") from None
     if not isinstance(tree, dict):
         raise CompareError(f"{config_path} is not a Hydra run config (a mapping of groups): fix or delete it")
-    config = flatten(tree)
     metrics_path, summary_path = path / metrics.METRICS_FILE, path / metrics.SUMMARY_FILE
     records = read_records(metrics_path) if metrics_path.exists() else []
     summary = _read_json(summary_path) if summary_path.exists() else {}
+    live = metrics_path.exists() and now - metrics_path.stat().st_mtime < running_window
+    id_path = path / metrics.WANDB_ID_FILE
+    wandb_id = _read_text(id_path).strip() if id_path.exists() else None
+    return make_run(path, tree, records, summary, live=live, wandb_id=wandb_id)
+
+
+def make_run(
+    source: Path | str,
+    tree: dict[str, Any],
+    records: list[dict[str, Any]],
+    summary: dict[str, Any],
+    *,
+    live: bool,
+    wandb_id: str | None = None,
+) -> Run:
+    """A :class:`Run` from its config tree, its ``metrics.jsonl`` records and its ``summary.json``, wherever they
+    were read from. Status: *diverged* when a loss is not finite, *done* with a finite final val loss, else
+    *running* when ``live`` (the run is still writing) or *stopped*."""
     evals = [
         Eval(
             r[metrics.STEP],
@@ -189,7 +210,7 @@ def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -
         status = "diverged"
     elif _finite(final):
         status = "done"
-    elif metrics_path.exists() and now - metrics_path.stat().st_mtime < running_window:
+    elif live:
         status = "running"
     else:
         status = "stopped"
@@ -198,8 +219,8 @@ def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -
     if state is None:
         state = next((r[metrics.STATE_BYTES] for r in reversed(records) if metrics.STATE_BYTES in r), None)
     return Run(
-        path=path,
-        config=config,
+        path=source,
+        config=flatten(tree),
         status=status,
         evals=sorted(evals, key=lambda e: e.tokens),
         last_step=max((r[metrics.STEP] for r in records), default=None),
@@ -207,6 +228,7 @@ def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -
         ms_per_step=ms_per_step,
         optim_ms=optim_ms,
         state_bytes=state,
+        wandb_id=wandb_id,
     )
 
 
@@ -508,7 +530,7 @@ def lr_table(groups: list[Group]) -> str:
     return markdown_table(["optimizer", "LR", "final val loss", "runs"], body)
 
 
-def runs_table(runs: list[Run], root: Path) -> str:
+def runs_table(runs: list[Run], root: Path | None) -> str:
     body = []
     for r in sorted(runs, key=lambda r: (r.status == "done", r.optimizer, r.lr or 0.0, str(r.seed))):
         last = next((e.loss for e in reversed(r.evals) if e.loss is not None), None)
@@ -517,7 +539,9 @@ def runs_table(runs: list[Run], root: Path) -> str:
     return markdown_table(["run", "optimizer", "LR", "seed", "status", "last step", "val loss"], body)
 
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: Path | str, root: Path | None) -> str:
+    if isinstance(path, str) or root is None:
+        return str(path)
     try:
         return str(path.resolve().relative_to(root.resolve()))
     except ValueError:
@@ -629,7 +653,7 @@ def report_markdown(
     groups: list[Group],
     runs: list[Run],
     base: Group,
-    root: Path,
+    root: Path | None,
     crossing_mode: str,
     x: str,
 ) -> str:
@@ -682,20 +706,35 @@ def compare(
     paths: Sequence[Path],
     out: Path,
     *,
+    wandb: Sequence[str] = (),
     target: float | None = None,
     baseline: str = "adamw",
     x: str = "tokens",
     crossing_mode: str = "interp",
     running_window: float = RUNNING_WINDOW_S,
+    wandb_api: Any = None,
 ) -> str:
-    """Read the runs under ``paths``, write ``out/report.md`` and the plots; return the main table."""
+    """Read the runs under ``paths`` and from the ``wandb`` sources (see :mod:`recipes.wandb_runs`), write
+    ``out/report.md`` and the plots; return the main table. A wandb run that is also read from its run directory
+    counts once (the directory's files win)."""
     dirs = find_run_dirs(paths)
-    if not dirs:
-        raise CompareError(
-            f"no runs found under {', '.join(map(str, paths))} (a run directory holds .hydra/config.yaml)"
-        )
     now = time.time()
     runs = [read_run(d, now, running_window) for d in dirs]
+    duplicates = 0
+    if wandb:
+        from recipes import wandb_runs
+
+        local_ids = {r.wandb_id for r in runs if r.wandb_id}
+        for source in wandb:
+            for run in wandb_runs.read(source, now, running_window, wandb_api):
+                if run.wandb_id in local_ids:
+                    duplicates += 1
+                    continue
+                local_ids.add(run.wandb_id)
+                runs.append(run)
+    if not runs:
+        where = ", ".join([*map(str, paths), *(f"wandb {w}" for w in wandb)])
+        raise CompareError(f"no runs found under {where} (a run directory holds .hydra/config.yaml)")
     groups = group_runs(runs)
     matches = [g for g in groups if g.label == baseline] or [g for g in groups if g.optimizer == baseline]
     if len(matches) != 1:
@@ -711,13 +750,16 @@ def compare(
     plot_curves(groups, target, "tokens", out / PLOTS["tokens"])
     plot_curves(groups, target, "time", out / PLOTS["time"])
     plot_sensitivity(groups, out / PLOTS["lr"])
-    root = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+    root = Path(os.path.commonpath([str(p.resolve()) for p in paths])) if paths else None
     statuses = {s: sum(r.status == s for r in runs) for s in ("done", "diverged", "stopped", "running")}
     target_text = f"{target:.4f}" if target is not None else "none"
+    sources = ([f"under `{root}`"] if root else []) + [f"from wandb `{w}`" for w in wandb]
     header = [
-        f"{len(runs)} runs under `{root}`: " + ", ".join(f"{n} {s}" for s, n in statuses.items()) + ".",
+        f"{len(runs)} runs {' and '.join(sources)}: " + ", ".join(f"{n} {s}" for s, n in statuses.items()) + ".",
         f"Baseline: **{base.label}**. Target val loss: **{target_text}** ({target_source}).",
     ]
+    if duplicates:
+        header.append(f"{duplicates} wandb runs were also read from their run directories and count once.")
     (out / "report.md").write_text(report_markdown(header, table, groups, runs, base, root, crossing_mode, x))
     summary = f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in statuses.items() if n)
     return f"{summary}; baseline {base.label}; target {target_text} ({target_source})\n\n{table}"
@@ -733,11 +775,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
         epilog=(
             "PATHS are run directories (holding .hydra/config.yaml, metrics.jsonl, summary.json) or any directory "
-            "above them, e.g. a Hydra sweep. Example: python -m recipes.compare outputs/cpu_bench --out "
-            "benchmarks/cpu_bench. Exit status 2 with one line on bad input."
+            "above them, e.g. a Hydra sweep. Examples: python -m recipes.compare outputs/cpu_bench --out "
+            "benchmarks/cpu_bench; python -m recipes.compare --wandb my-team/eopt-recipes:lr-sweep-1. Exit status 2 "
+            "with one line on bad input."
         ),
     )
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATHS", help="run or sweep directories")
+    parser.add_argument("paths", nargs="*", type=Path, metavar="PATHS", help="run or sweep directories")
+    parser.add_argument(
+        "--wandb",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="also read runs from wandb: entity/project[:group] on the server (needs an API key), or a local "
+        "directory of offline runs (e.g. a sweep's run directories with their wandb/); repeatable",
+    )
     parser.add_argument(
         "--target",
         type=float,
@@ -769,10 +820,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.paths and not args.wandb:
+        print("error: nothing to compare: pass run or sweep directories, or --wandb SOURCE", file=sys.stderr)
+        return 2
     try:
         table = compare(
             args.paths,
             args.out,
+            wandb=args.wandb,
             target=args.target,
             baseline=args.baseline,
             x=args.x,

@@ -159,8 +159,8 @@ class WandbSink:
         self._call(lambda run: run.log({k: v for k, v in record.items() if v is not None}))
 
     def finish(self, summary: dict[str, Any] | None) -> None:
-        if summary:
-            self._call(lambda run: run.summary.update({k: v for k, v in summary.items() if v is not None}))
+        if summary:  # null (a non-finite final loss in summary.json) stays: the run diverged
+            self._call(lambda run: run.summary.update(summary))
         self._call(lambda run: run.finish())
 
 
@@ -278,12 +278,11 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` to :data:`METRICS_FILE` and send it to wandb (rank 0)."""
-        record = {k: _clean(v) for k, v in record.items()}
         if self.enabled:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
             self._file.flush()
         if self.wandb is not None:
-            self.wandb.log(record)
+            self.wandb.log(record)  # wandb keeps NaN and Inf: a diverged run reads back as diverged
 
     def advance(self, steps: int = 1, **postfix: float) -> None:
         """Move the progress bar (no-op without a terminal)."""
