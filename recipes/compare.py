@@ -165,7 +165,8 @@ def speed(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
 
 def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -> Run:
     """Read the run directory ``path`` (it holds ``.hydra/config.yaml``) and decide its status: a run without a
-    summary whose ``metrics.jsonl`` changed within ``running_window`` seconds is still running."""
+    summary whose ``metrics.jsonl`` changed within ``running_window`` seconds is still running, unless a stop
+    signal ended it (``stopped.json``)."""
     config_path = path / ".hydra" / "config.yaml"
     try:
         tree = yaml.safe_load(_read_text(config_path))
@@ -176,7 +177,11 @@ def read_run(path: Path, now: float, running_window: float = RUNNING_WINDOW_S) -
     metrics_path, summary_path = path / metrics.METRICS_FILE, path / metrics.SUMMARY_FILE
     records = read_records(metrics_path) if metrics_path.exists() else []
     summary = _read_json(summary_path) if summary_path.exists() else {}
-    live = metrics_path.exists() and now - metrics_path.stat().st_mtime < running_window
+    live = (
+        metrics_path.exists()
+        and now - metrics_path.stat().st_mtime < running_window
+        and not (path / metrics.STOPPED_FILE).exists()
+    )
     id_path = path / metrics.WANDB_ID_FILE
     wandb_id = _read_text(id_path).strip() if id_path.exists() else None
     return make_run(path, tree, records, summary, live=live, wandb_id=wandb_id)

@@ -31,6 +31,7 @@ from recipes.config import LoggerConfig
 # writer and the reader cannot drift apart.
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+STOPPED_FILE = "stopped.json"  # {"signal", "step"}: a stop signal ended the process; removed when the run goes on
 # metrics.jsonl records: every record has STEP, TOKENS (cumulative) and TIME (train seconds, eval excluded);
 # train records add the rest, eval records VAL_LOSS.
 STEP = "step"

@@ -339,6 +339,8 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     log = MetricsLogger(
         run_dir, cfg.logger, plan.max_steps, state.step, log_every=t.log_every, main=world.main, wandb=wandb
     )
+    if world.main:
+        (run_dir / metrics.STOPPED_FILE).unlink(missing_ok=True)  # the run goes on
     stop = StopSignal(plan.device)
     flops = flops_per_token(model, t.seq_len)
     peak = peak_flops(plan.device, plan.amp_dtype or torch.float32)
@@ -429,6 +431,8 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
         if stopping:
             stop.restore()
             log.close()
+            if world.main:
+                write_json_atomic(run_dir / metrics.STOPPED_FILE, {"signal": stop.signum, "step": state.step})
             return {"stopped": stop.signum, "step": state.step, "checkpoints": str(checkpointer.directory)}
 
     if val_loss is None:

@@ -233,15 +233,18 @@ def test_a_partial_line_at_the_end_is_tolerated_and_running_and_stopped_runs_are
     stopped = write_run(root / "soap_stopped", "soap", 3e-3, 0, linear_curve(5.0, 0.2, 50), final=False)
     old = time.time() - 3600
     os.utime(stopped / "metrics.jsonl", (old, old))
+    # a stop signal ended this one a moment ago: its metrics are recent, and stopped.json says it is not running
+    signalled = write_run(root / "shampoo_signalled", "shampoo", 3e-3, 0, linear_curve(5.0, 0.2, 30), final=False)
+    (signalled / "stopped.json").write_text('{"signal": 15, "step": 30}')
     status, report = compare(str(root), "--target", "4.5", "--out", str(tmp_path / "report"))
     assert status == 0
     runs = {r["run"]: r for r in read_table(report, "## Runs")}
     assert runs["muon_running"]["status"] == "running" and runs["muon_running"]["last step"] == "50"
-    assert runs["soap_stopped"]["status"] == "stopped"
+    assert runs["soap_stopped"]["status"] == runs["shampoo_signalled"]["status"] == "stopped"
     rows = {r["optimizer"]: r for r in read_table(report)}
     assert rows["muon"]["best LR"] == "— (no eligible LR)" and rows["muon"]["runs"] == "1 (1 running)"
     assert rows["soap"]["runs"] == "1 (1 stopped)"
-    assert "1 done, 0 diverged, 1 stopped, 1 running" in report
+    assert "1 done, 0 diverged, 2 stopped, 1 running" in report
 
 
 def test_runs_that_differ_in_another_key_are_separate_groups(tmp_path: Path, capsys):

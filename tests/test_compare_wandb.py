@@ -9,6 +9,7 @@ filled from those same offline runs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -142,11 +143,13 @@ def test_a_stopped_and_resumed_run_reads_back_as_its_run_directory(pystdlib_data
 
     now = time.time()
     (stopped,) = wandb_runs.read(str(run_dir / "wandb"), now)
-    assert stopped.status == "stopped" and stopped.last_step == read_run(run_dir, now).last_step
+    from_files = read_run(run_dir, now)  # written a moment ago, but stopped.json says the signal ended it
+    assert stopped.status == from_files.status == "stopped" and stopped.last_step == from_files.last_step
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"signal": 15, "step": from_files.last_step}
 
     resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and not (run_dir / "stopped.json").exists()
     (got,) = wandb_runs.read(str(run_dir / "wandb"), now)
     want = read_run(run_dir, now)
     assert got.status == want.status == "done"
