@@ -20,23 +20,24 @@ here works on a *batch*: a leading dim ``B`` that stacks same-shape tensors, so 
 - :class:`KroneckerOptimizer`: the optimizer base both build on (eager bucketed state, per-parameter CPU
   step counters, batched state buffers rebuilt after ``load_state_dict``).
 
-On FSDP2/HSDP shards (``DTensor`` parameters) the matrix work is *replicated*: :func:`stacked_grads`
-all-gathers the full gradients, every rank runs the same batched kernels on the same full, plain state
-buffers (so every state tensor, step counter and failure count holds the same value on every rank), and
-the update functions add only the rows each rank holds (:func:`eopt.distributed.add_local_`).
+Under DDP, FSDP2 and HSDP the matrix work runs once per parameter, on its owner rank (``matrix_update="owner"``,
+the default), or on every rank on full, replicated state (``"replicated"``): see :class:`KroneckerOptimizer`.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
-from eopt.base import Optimizer, ParamGroups, group_by_shape
-from eopt.distributed import full
+from eopt.base import Optimizer, ParamGroups, check, group_by_shape
+from eopt.distributed import full, local, local_slice
+from eopt.owner import MATRIX_UPDATES, OwnerPlans, Plan
 from eopt.symmetric import symmetric_matmul_, symmetric_panels
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -315,16 +316,29 @@ def _precision(precision: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------ optimizer plumbing
 
 
-class KroneckerOptimizer(Optimizer):
+class KroneckerOptimizer(OwnerPlans, Optimizer):
     """Base of the Kronecker-factored optimizers: bucketed eager state, rebuilt after ``load_state_dict``.
 
-    A subclass implements :meth:`_state_spec` (the batched state keys of one parameter shape) and
-    :meth:`_step_bucket` (update the bucket entries ``sel`` that have a gradient). Same-shape parameters
-    of a group form one :class:`StateBuckets`; the step counter of each parameter is a CPU tensor.
+    A subclass implements :meth:`_state_spec` (the batched state keys of one parameter shape),
+    :meth:`_direction` (the batched update direction of same-shape parameters from their full gradients, updating
+    their state) and :meth:`_apply` (the elementwise step that adds a direction to the weights, with weight
+    decay), and :meth:`_cost` (a parameter's matrix-work FLOPs per step, for the owner plan). Same-shape
+    parameters of a group form one :class:`StateBuckets`; the step counter of each parameter is a CPU tensor.
+
+    ``matrix_update="replicated"`` (and one process): every rank gathers every full gradient
+    (:func:`stacked_grads`), runs every bucket on full, replicated state, and adds its rows of each direction.
+    ``matrix_update="owner"`` on several ranks: each parameter has an owner rank (:class:`eopt.owner.Plan`,
+    balanced by :meth:`_cost`); the owner alone holds the parameter's factors, bases, roots and moments (plain
+    tensors under the usual keys: ``torch.distributed.checkpoint`` saves the one copy and loads it into the new
+    owner's placeholder after a change of world size), receives the full gradient (``all_to_all_single`` of the
+    rows under FSDP2/HSDP; already whole under DDP), computes the direction in the same batched kernels (its
+    buckets hold only the parameters it owns) and sends each rank its rows back; every rank then applies its rows
+    with :meth:`_apply`. Every rank keeps every parameter's step counter.
     """
 
     def __init__(self, params: ParamGroups, defaults: dict) -> None:
         self._buckets: dict[int, list[StateBuckets]] = {}
+        self._init_plans()
         super().__init__(params, defaults)
 
     @abc.abstractmethod
@@ -332,18 +346,44 @@ class KroneckerOptimizer(Optimizer):
         """``(key, shape, init)`` of every batched state tensor of a parameter of ``shape`` (init: zeros|eye)."""
 
     @abc.abstractmethod
-    def _step_bucket(self, group: dict, bucket: StateBuckets, sel: list[int], calls: int) -> None:
-        """Update the parameters ``bucket.params[i]`` for ``i`` in ``sel``, all called ``calls`` times before."""
+    def _direction(
+        self, group: dict, shape: tuple[int, ...], grads: torch.Tensor, state: dict, calls: int
+    ) -> torch.Tensor | None:
+        """The ``(B, *shape)`` directions of a batch of parameters of ``shape`` from their full ``grads``, with
+        ``state`` (batched, updated in place) and ``calls`` steps taken before; ``None`` when this step only
+        updates the state."""
+
+    @abc.abstractmethod
+    def _apply(self, group: dict, weights: list[torch.Tensor], directions: list[torch.Tensor], calls: int) -> None:
+        """Add ``directions`` (this rank's rows, in the weights' dtype) to ``weights`` (local tensors), with decay."""
+
+    @abc.abstractmethod
+    def _cost(self, group: dict, shape: tuple[int, ...]) -> float:
+        """A parameter's matrix-work FLOPs per step (refreshes amortized), what the owner plan balances."""
+
+    def _check_group(self, group: dict) -> None:
+        mode = group["matrix_update"]
+        check("matrix_update", mode in MATRIX_UPDATES, f"must be one of {', '.join(MATRIX_UPDATES)}, got {mode!r}")
 
     @staticmethod
     def state_dtype(p: torch.Tensor) -> torch.dtype:
         """Factors and moments are kept in at least fp32 whatever the parameter's dtype."""
         return torch.promote_types(p.dtype, torch.float32)
 
+    def _state_bytes(self, group: dict, p: torch.Tensor) -> int:
+        itemsize = torch.empty((), dtype=self.state_dtype(p)).element_size()
+        return sum(math.prod(shape) * itemsize for _, shape, _ in self._state_spec(group, tuple(p.shape), p.dtype))
+
+    def _computed_here(self, group: dict) -> list[torch.Tensor]:
+        """The parameters whose matrix work (and state) is on this rank: all, or the ones it owns."""
+        plan = self._plan_of(group)
+        return [p for unit, p in enumerate(group["params"]) if plan is None or plan.owns(unit)]
+
     def _make_buckets(self, group: dict, adopt: bool) -> list[StateBuckets]:
         buckets = []
-        for indices in group_by_shape(group["params"]).values():
-            params = [group["params"][i] for i in indices]
+        here = self._computed_here(group)
+        for indices in group_by_shape(here).values():
+            params = [here[i] for i in indices]
             bucket = StateBuckets(params, self.state)
             p = params[0]
             spec = self._state_spec(group, tuple(p.shape), self.state_dtype(p))
@@ -352,14 +392,18 @@ class KroneckerOptimizer(Optimizer):
             else:
                 for key, shape, init in spec:
                     bucket.allocate(key, shape, self.state_dtype(p), init)
-                for q in params:
-                    self.state[q]["step"] = step_counter()
             buckets.append(bucket)
         self._buckets[id(group)] = buckets
         return buckets
 
     def _init_state(self, group: dict) -> None:
+        params = group["params"]
+        self._make_plan(
+            group, [self._cost(group, tuple(p.shape)) for p in params], [self._state_bytes(group, p) for p in params]
+        )
         self._make_buckets(group, adopt=False)
+        for p in params:
+            self.state[p]["step"] = step_counter()
 
     def _group_buckets(self, group: dict) -> list[StateBuckets]:
         buckets = self._buckets.get(id(group))
@@ -368,32 +412,89 @@ class KroneckerOptimizer(Optimizer):
         return buckets
 
     def _step_group(self, group: dict) -> None:
+        plan = self._plan_of(group)
+        if plan is not None:
+            self._step_owned(group, plan)
+            return
         for bucket in self._group_buckets(group):
             by_calls: dict[int, list[int]] = defaultdict(list)
             for i, p in enumerate(bucket.params):
                 if p.grad is not None:
                     by_calls[int(self.state[p]["step"])].append(i)
             for calls, sel in by_calls.items():
-                self._step_bucket(group, bucket, sel, calls)
-                for i in sel:
-                    self.state[bucket.params[i]]["step"].add_(1)
+                params = [bucket.params[i] for i in sel]
+                directions = self._bucket_directions(group, bucket, sel, calls, stacked_grads(bucket, sel))
+                if directions is not None:
+                    views = [local_slice(d, p) for d, p in zip(directions, params, strict=True)]
+                    self._apply(group, [local(p) for p in params], views, calls)
+                for p in params:
+                    self.state[p]["step"].add_(1)
+
+    def _bucket_directions(
+        self, group: dict, bucket: StateBuckets, sel: list[int], calls: int, grads: torch.Tensor
+    ) -> list[torch.Tensor] | None:
+        """:meth:`_direction` of the bucket entries ``sel`` (full ``grads`` stacked), in the weights' dtype."""
+        p0 = bucket.params[0]
+        with matmul_precision(p0.device, group["matmul_precision"]):
+            state, whole = gather_bucket(bucket, sel)
+            directions = self._direction(group, tuple(p0.shape), grads.to(self.state_dtype(p0)), state, calls)
+            if not whole:
+                scatter_bucket(bucket, sel, state)
+        return None if directions is None else list(directions.to(p0.dtype).unbind(0))
+
+    def _step_owned(self, group: dict, plan: Plan) -> None:
+        """Owner-computes: full gradients to their owners, directions computed there, rows back, applied everywhere."""
+        params = group["params"]
+        active = [unit for unit, p in enumerate(params) if p.grad is not None]
+        calls = {unit: int(self.state[params[unit]]["step"]) for unit in active}
+        owned = [unit for unit in active if plan.owns(unit)]
+        grad_of = dict(zip(owned, plan.gather(active, [local(params[u].grad) for u in active]), strict=True))
+        unit_of = {id(p): unit for unit, p in enumerate(params)}
+        direction_of: dict[int, torch.Tensor] = {}
+        for bucket in self._group_buckets(group):
+            by_calls: dict[int, list[int]] = defaultdict(list)
+            for i, p in enumerate(bucket.params):
+                if unit_of[id(p)] in grad_of:
+                    by_calls[calls[unit_of[id(p)]]].append(i)
+            for c, sel in by_calls.items():
+                units = [unit_of[id(bucket.params[i])] for i in sel]
+                directions = self._bucket_directions(group, bucket, sel, c, torch.stack([grad_of[u] for u in units]))
+                if directions is not None:
+                    direction_of.update(zip(units, directions, strict=True))
+        # Whether a step moves the weights depends only on its count, which every rank knows for every unit.
+        moving = [unit for unit in active if self._moves(group, calls[unit])]
+        rows = plan.scatter(moving, [direction_of[u] for u in moving if plan.owns(u)])
+        by_calls_rows: dict[int, list[int]] = defaultdict(list)
+        for j, unit in enumerate(moving):
+            by_calls_rows[calls[unit]].append(j)
+        for c, js in by_calls_rows.items():
+            self._apply(group, [local(params[moving[j]]) for j in js], [rows[j] for j in js], c)
+        for unit in active:
+            self.state[params[unit]]["step"].add_(1)
+
+    def _moves(self, group: dict, calls: int) -> bool:
+        """Whether the step after ``calls`` steps changes the weights (SOAP's first step only builds its basis)."""
+        return True
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._buckets = {}
 
     def _state_total(self, key: str) -> torch.Tensor:
-        """The sum of the 0-d state ``key`` over this algorithm's parameters that hold it (0 if none does).
-
-        The state is replicated on sharded runs, so the sum is the same on every rank without a collective."""
-        values = [
-            self.state[p][key]
-            for group in self.param_groups
-            if group["algorithm"] == self.algorithm
-            for p in group["params"]
-            if key in self.state[p]
-        ]
-        return torch.stack(values).sum() if values else torch.zeros(())
+        """The sum of the 0-d state ``key`` over this algorithm's parameters that hold it (0 if none does), the same
+        on every rank: replicated state sums alike everywhere; owner-only state is summed over the ranks."""
+        values, device = [], None
+        for group in self.param_groups:
+            if group["algorithm"] != self.algorithm:
+                continue
+            for p in group["params"]:
+                device = device or p.device
+                if key in self.state[p]:
+                    values.append(self.state[p][key])
+        total = torch.stack(values).sum() if values else torch.zeros((), device=device)
+        if any(self._plan_of(g) is not None for g in self.param_groups if g["algorithm"] == self.algorithm):
+            dist.all_reduce(total)
+        return total
 
 
 def gather_bucket(bucket: StateBuckets, sel: list[int]) -> tuple[dict[str, torch.Tensor], bool]:
@@ -411,10 +512,10 @@ def scatter_bucket(bucket: StateBuckets, sel: list[int], tensors: dict[str, torc
         buf.index_copy_(0, index, tensors[key])
 
 
-def stacked_grads(bucket: StateBuckets, sel: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """The gradients of entries ``sel`` as one ``(len(sel), *shape)`` tensor in ``dtype``; the full gradients
-    (all-gathered, bitwise the same on every rank) of DTensor parameters."""
-    return torch.stack([full(bucket.params[i].grad) for i in sel]).to(dtype)
+def stacked_grads(bucket: StateBuckets, sel: list[int]) -> torch.Tensor:
+    """The gradients of entries ``sel`` as one ``(len(sel), *shape)`` tensor; the full gradients (all-gathered,
+    bitwise the same on every rank) of DTensor parameters."""
+    return torch.stack([full(bucket.params[i].grad) for i in sel])
 
 
 __all__ = [

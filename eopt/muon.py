@@ -10,7 +10,7 @@ import torch
 from eopt.base import Optimizer, ParamGroups, check, params_with_grad
 from eopt.distributed import copy_local_, gather, is_sharded, local
 from eopt.newton_schulz import Coefficients, check_coefficients, newton_schulz
-from eopt.owner import MATRIX_UPDATES, Plan, ranks_of
+from eopt.owner import MATRIX_UPDATES, OwnerPlans, Plan
 
 SCALES = ("shape_scaling", "spectral", "unit_rms_norm", "match_rms_adamw")
 SECOND_MOMENTS = (None, "normuon", "adamuon")
@@ -97,7 +97,7 @@ def normuon_axis(out_dim: int, in_dim: int, in_out: bool) -> int:
     return -3 - math_axis if in_out else math_axis
 
 
-class Muon(Optimizer):
+class Muon(OwnerPlans, Optimizer):
     """Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) with NVIDIA's options.
 
     For each matrix ``W`` (out x in) with gradient ``g``, momentum ``b`` and step size ``lr``::
@@ -194,8 +194,7 @@ class Muon(Optimizer):
         foreach: bool | None = None,
         matrix_update: str = "owner",
     ) -> None:
-        self._plans: dict[tuple[int, ...], Plan] = {}
-        self._loads: list[float] = []  # each rank's Newton–Schulz FLOPs over the plans so far
+        self._init_plans()
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -261,7 +260,11 @@ class Muon(Optimizer):
         return 0
 
     def _init_state(self, group: dict) -> None:
-        plan = self._make_plan(group)
+        plan = self._make_plan(
+            group,
+            [newton_schulz_flops(group, p.shape) for p in group["params"]],
+            [self._moment2_numel(group, p.shape) * p.element_size() for p in group["params"]],
+        )
         for unit, p in enumerate(group["params"]):
             state = self.state[p]
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
@@ -272,53 +275,6 @@ class Muon(Optimizer):
             if group["second_moment"] is not None and (plan is None or plan.owns(unit)):
                 shape = p.shape if group["second_moment"] == "adamuon" else (self._moment2_numel(group, p.shape),)
                 state["moment2"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-
-    def _make_plan(self, group: dict) -> Plan | None:
-        """The owner plan of ``group`` under ``matrix_update="owner"`` across several ranks, else ``None``."""
-        params = group["params"]
-        ranks = ranks_of(params[0]) if params and group["matrix_update"] == "owner" else None
-        if ranks is None:
-            return None
-        if not self._loads:
-            self._loads = [0.0] * ranks.size
-        plan = Plan(
-            [p.shape for p in params],
-            [newton_schulz_flops(group, p.shape) for p in params],
-            [self._moment2_numel(group, p.shape) * p.element_size() for p in params],
-            ranks,
-            params[0].dtype,
-            params[0].device,
-            self._loads,
-        )
-        self._plans[tuple(id(p) for p in params)] = plan
-        return plan
-
-    def plan(self) -> dict:
-        """The owner plan under ``matrix_update="owner"`` on several ranks (empty otherwise): ``units`` (matrices),
-        ``ranks``, ``balance`` (the busiest rank's Newton–Schulz FLOPs over the mean; 1.0 is perfect),
-        ``max_state_bytes`` / ``total_state_bytes`` (owner-only state: NorMuon/AdaMuon second moments) and
-        ``owners`` (each parameter's rank, by name when the group has ``param_names``)."""
-        flops, held, owners = [], [], {}
-        for group in self.param_groups:
-            plan = self._plans.get(tuple(id(p) for p in group["params"]))
-            if plan is None:
-                continue
-            group_flops, group_held = plan.loads()
-            flops = [a + b for a, b in zip(flops or [0.0] * len(group_flops), group_flops, strict=True)]
-            held = [a + b for a, b in zip(held or [0] * len(group_held), group_held, strict=True)]
-            names = group.get("param_names") or [f"{len(owners) + i}" for i in range(len(plan.owners))]
-            owners.update(zip(names, plan.owners, strict=True))
-        if not owners:
-            return {}
-        mean = sum(flops) / len(flops)
-        return {
-            "units": len(owners),
-            "ranks": len(flops),
-            "balance": max(flops) / mean if mean else 1.0,
-            "max_state_bytes": max(held),
-            "total_state_bytes": sum(held),
-            "owners": owners,
-        }
 
     def _step_group(self, group: dict) -> None:
         params = params_with_grad(group)
@@ -338,7 +294,7 @@ class Muon(Optimizer):
         if wd != 0.0:
             # Decoupled decay touches only the weights, so it can precede the update computed from u.
             torch._foreach_mul_(weights, 1.0 - lr * wd)
-        plan = self._plans.get(tuple(id(p) for p in group["params"]))
+        plan = self._plan_of(group)
         if plan is not None:
             self._update_owned(group, plan, params, inputs, weights)
             return

@@ -257,3 +257,60 @@ class Plan:
             pieces = got[: sizes[q]].split([self._numel(u, r.shard) for u in units])
             for u, piece in zip(units, pieces, strict=True):
                 result[u] = piece.view(local_shape[u])
+
+
+class OwnerPlans:
+    """What an optimizer with ``matrix_update`` keeps: one :class:`Plan` per param group (under
+    ``matrix_update="owner"`` on several ranks) and the ranks' loads that carry from one group's plan to the next.
+    Mixed into :class:`eopt.Muon` and :class:`eopt.kronecker.KroneckerOptimizer`."""
+
+    param_groups: list[dict]
+
+    def _init_plans(self) -> None:
+        self._plans: dict[tuple[int, ...], Plan] = {}
+        self._loads: list[float] = []  # each rank's matrix-work FLOPs over the plans so far
+
+    def _make_plan(self, group: dict, costs: Sequence[float], state_bytes: Sequence[int]) -> Plan | None:
+        """The owner plan of ``group`` (``costs`` and owner-only ``state_bytes`` per parameter) under
+        ``matrix_update="owner"`` across several ranks, else ``None``."""
+        params = group["params"]
+        ranks = ranks_of(params[0]) if params and group["matrix_update"] == "owner" else None
+        if ranks is None:
+            return None
+        if not self._loads:
+            self._loads = [0.0] * ranks.size
+        plan = Plan(
+            [p.shape for p in params], costs, state_bytes, ranks, params[0].dtype, params[0].device, self._loads
+        )
+        self._plans[tuple(id(p) for p in params)] = plan
+        return plan
+
+    def _plan_of(self, group: dict) -> Plan | None:
+        return self._plans.get(tuple(id(p) for p in group["params"]))
+
+    def plan(self) -> dict:
+        """The owner plan under ``matrix_update="owner"`` on several ranks (empty otherwise): ``units`` (matrices),
+        ``ranks``, ``balance`` (the busiest rank's matrix-work FLOPs over the mean; 1.0 is perfect),
+        ``max_state_bytes`` / ``total_state_bytes`` (owner-only state) and ``owners`` (each parameter's rank, by
+        name when the group has ``param_names``)."""
+        flops, held, owners = [], [], {}
+        for group in self.param_groups:
+            plan = self._plan_of(group)
+            if plan is None:
+                continue
+            group_flops, group_held = plan.loads()
+            flops = [a + b for a, b in zip(flops or [0.0] * len(group_flops), group_flops, strict=True)]
+            held = [a + b for a, b in zip(held or [0] * len(group_held), group_held, strict=True)]
+            names = group.get("param_names") or [f"{len(owners) + i}" for i in range(len(plan.owners))]
+            owners.update(zip(names, plan.owners, strict=True))
+        if not owners:
+            return {}
+        mean = sum(flops) / len(flops)
+        return {
+            "units": len(owners),
+            "ranks": len(flops),
+            "balance": max(flops) / mean if mean else 1.0,
+            "max_state_bytes": max(held),
+            "total_state_bytes": sum(held),
+            "owners": owners,
+        }

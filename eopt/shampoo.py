@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from eopt.base import ParamGroups, check
-from eopt.distributed import add_local_, local
 from eopt.kronecker import (
     KroneckerOptimizer,
-    StateBuckets,
     contract,
-    gather_bucket,
     inverse_root,
-    matmul_precision,
-    scatter_bucket,
-    stacked_grads,
     tensor_blocks,
     update_factor_,
 )
@@ -77,6 +73,7 @@ class Shampoo(KroneckerOptimizer):
         inverse_exponent_override: int | None = None,
         use_nesterov: bool = False,
         matmul_precision: str = "highest",
+        matrix_update: str = "owner",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -93,6 +90,7 @@ class Shampoo(KroneckerOptimizer):
             "inverse_exponent_override": inverse_exponent_override,
             "use_nesterov": use_nesterov,
             "matmul_precision": matmul_precision,
+            "matrix_update": matrix_update,
         }
         super().__init__(params, defaults)
 
@@ -116,6 +114,7 @@ class Shampoo(KroneckerOptimizer):
         check("inverse_exponent_override", root is None or root > 0, f"must be None or > 0, got {root}")
         prec = group["matmul_precision"]
         check("matmul_precision", prec in MATMUL_PRECISIONS, f"must be one of {MATMUL_PRECISIONS}, got {prec!r}")
+        super()._check_group(group)
 
     # ------------------------------------------------------------------------------------ layout
 
@@ -149,15 +148,29 @@ class Shampoo(KroneckerOptimizer):
         """``shampoo_root_failures``: root-inverse computations that failed in float64 too, summed over parameters."""
         return {"shampoo_root_failures": self._state_total("root_failures")}
 
-    def _step_bucket(self, group: dict, bucket: StateBuckets, sel: list[int], calls: int) -> None:
-        p0 = bucket.params[0]
-        with matmul_precision(p0.device, group["matmul_precision"]):
-            state, whole = gather_bucket(bucket, sel)
-            params = [bucket.params[i] for i in sel]
-            grads = stacked_grads(bucket, sel, self.state_dtype(p0))
-            shampoo_update(group, params, grads, state, calls, self.block_classes(group, tuple(p0.shape)))
-            if not whole:
-                scatter_bucket(bucket, sel, state)
+    def _direction(
+        self, group: dict, shape: tuple[int, ...], grads: torch.Tensor, state: dict, calls: int
+    ) -> torch.Tensor | None:
+        return shampoo_direction(group, grads, state, calls, self.block_classes(group, shape))
+
+    def _apply(self, group: dict, weights: list[torch.Tensor], directions: list[torch.Tensor], calls: int) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0.0:
+            torch._foreach_mul_(weights, 1.0 - lr * wd)
+        torch._foreach_add_(weights, directions, alpha=-lr)
+
+    def _cost(self, group: dict, shape: tuple[int, ...]) -> float:
+        """Per step: a factor product and a contraction along every dim of every block; per refresh (every
+        ``precondition_frequency`` steps, amortized): an eigendecomposition and the root's product per factor."""
+        numel = math.prod(shape)
+        per_step, per_refresh = 0.0, 0.0
+        for block_shape, blocks in self.block_classes(group, shape):
+            block_numel = math.prod(block_shape)
+            for n in block_shape:
+                per_step += len(blocks) * 2 * 2 * block_numel * n
+                per_refresh += len(blocks) * (9 + 2) * n**3
+        per_step += 8 * numel  # grafting, norms, momentum
+        return per_step + per_refresh / group["precondition_frequency"]
 
 
 def _blocks(x: torch.Tensor, blocks: list[tuple[slice, ...]]) -> torch.Tensor:
@@ -197,19 +210,18 @@ def _grafting_direction(group: dict, state: dict, g: torch.Tensor, d: torch.Tens
 
 
 @torch.no_grad()
-def shampoo_update(
+def shampoo_direction(
     group: dict,
-    params: list[torch.Tensor],
     grads: torch.Tensor,
     state: dict,
     calls: int,
     classes: list[tuple[tuple[int, ...], list[tuple[slice, ...]]]],
-) -> None:
-    """One Shampoo step for a batch of same-shape parameters (see :class:`Shampoo`).
+) -> torch.Tensor:
+    """One Shampoo step's direction ``D`` for a batch of same-shape parameters (see :class:`Shampoo`): the step
+    is ``W <- (1 - lr wd) W - lr D``.
 
     ``grads``: ``(B, *shape)`` full gradients; ``state``: batched state tensors, updated in place; ``calls``:
-    steps taken before; ``classes``: :meth:`Shampoo.block_classes` of the shape. The update is applied to the
-    rows each parameter holds (all of them for a plain tensor, its shard for a DTensor).
+    steps taken before; ``classes``: :meth:`Shampoo.block_classes` of the shape.
     """
     t = calls + 1
     beta1, beta2 = group["betas"]
@@ -263,8 +275,4 @@ def shampoo_update(
             direction = s
         else:
             _unblock_(direction, s, blocks)
-
-    lr, wd = group["lr"], group["weight_decay"]
-    if wd != 0.0:
-        torch._foreach_mul_([local(p) for p in params], 1.0 - lr * wd)
-    add_local_(params, list(direction.to(params[0].dtype).unbind(0)), alpha=-lr)
+    return direction

@@ -8,19 +8,13 @@ from collections.abc import Callable
 import torch
 
 from eopt.base import ParamGroups, check
-from eopt.distributed import add_local_, local
 from eopt.kronecker import (
     KroneckerOptimizer,
-    StateBuckets,
     contract,
     eigh_descending,
-    gather_bucket,
-    matmul_precision,
     merge_small_dims,
     power_qr,
-    scatter_bucket,
     sort_basis,
-    stacked_grads,
     update_factor_,
 )
 
@@ -111,6 +105,7 @@ class SOAP(KroneckerOptimizer):
         use_nesterov: bool = False,
         correct_shampoo_beta_bias: bool = False,
         matmul_precision: str = "highest",
+        matrix_update: str = "owner",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -137,6 +132,7 @@ class SOAP(KroneckerOptimizer):
             "use_nesterov": use_nesterov,
             "correct_shampoo_beta_bias": correct_shampoo_beta_bias,
             "matmul_precision": matmul_precision,
+            "matrix_update": matrix_update,
         }
         super().__init__(params, defaults)
 
@@ -166,6 +162,7 @@ class SOAP(KroneckerOptimizer):
         check("max_update_rms", rms >= 0.0, f"must be >= 0 (0 = off), got {rms}")
         prec = group["matmul_precision"]
         check("matmul_precision", prec in MATMUL_PRECISIONS, f"must be one of {MATMUL_PRECISIONS}, got {prec!r}")
+        super()._check_group(group)
 
     # ------------------------------------------------------------------------------------ layout
 
@@ -192,15 +189,31 @@ class SOAP(KroneckerOptimizer):
         """``soap_basis_failures``: eigenbasis computations that failed in float64 too, summed over parameters."""
         return {"soap_basis_failures": self._state_total("basis_failures")}
 
-    def _step_bucket(self, group: dict, bucket: StateBuckets, sel: list[int], calls: int) -> None:
-        p0 = bucket.params[0]
-        with matmul_precision(p0.device, group["matmul_precision"]):
-            state, whole = gather_bucket(bucket, sel)
-            params = [bucket.params[i] for i in sel]
-            grads = stacked_grads(bucket, sel, self.state_dtype(p0))
-            soap_update(group, params, grads, state, calls)
-            if not whole:
-                scatter_bucket(bucket, sel, state)
+    def _direction(
+        self, group: dict, shape: tuple[int, ...], grads: torch.Tensor, state: dict, calls: int
+    ) -> torch.Tensor | None:
+        return soap_direction(group, shape, grads, state, calls)
+
+    def _moves(self, group: dict, calls: int) -> bool:
+        return soap_step_size(group, calls) is not None
+
+    def _apply(self, group: dict, weights: list[torch.Tensor], directions: list[torch.Tensor], calls: int) -> None:
+        step_size = soap_step_size(group, calls)
+        torch._foreach_add_(weights, directions, alpha=-step_size)
+        if group["weight_decay"] != 0.0:
+            torch._foreach_mul_(weights, 1.0 - group["lr"] * group["weight_decay"])
+
+    def _cost(self, group: dict, shape: tuple[int, ...]) -> float:
+        """Per step: a factor product and three rotations (in, in, back) along every preconditioned dim; per
+        refresh (every ``precondition_frequency`` steps, amortized): the power product, QR and the momentum's
+        re-expression."""
+        work, dims = self.layout(group, shape)
+        numel = math.prod(work)
+        freq = group["precondition_frequency"]
+        every = freq if isinstance(freq, int) else 10
+        per_step = sum(2 * numel * work[d] * 4 for d in dims)
+        per_refresh = sum(2 * work[d] ** 3 + 4 * work[d] ** 3 + 2 * 2 * numel * work[d] for d in dims)
+        return float(per_step + per_refresh / every)
 
 
 def _frequency(group: dict, t: int) -> int:
@@ -276,21 +289,50 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.square().mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
 
 
+def _t(group: dict, calls: int) -> int:
+    """The step's index in the authors' count (0: the first step of ``factor_update_order="after"``)."""
+    n = calls + 1
+    return n if (group["factor_update_order"] == "before" or group["adam_warmup_steps"] > 0) else n - 1
+
+
+def _bias_corrected_step_size(group: dict, t: int) -> float:
+    beta1, beta2 = group["betas"]
+    bias1 = 1.0 - beta1**t if group["correct_bias"] else 1.0
+    bias2 = 1.0 - beta2**t if group["correct_bias"] else 1.0
+    return group["lr"] * math.sqrt(bias2) / (1.0 if group["use_nesterov"] else bias1)
+
+
+def _nvidia(group: dict) -> bool:
+    return group["trace_normalization"] or group["normalize_preconditioned_grads"] or group["max_update_rms"] > 0
+
+
+def soap_step_size(group: dict, calls: int) -> float | None:
+    """``s`` in ``W -= s U`` (then decay) for the step after ``calls`` steps; ``None`` for the first step of
+    ``factor_update_order="after"``, which only builds the basis and leaves the weights alone."""
+    t = _t(group, calls)
+    if group["factor_update_order"] != "before" and t == 0:
+        return None
+    return group["lr"] if _nvidia(group) else _bias_corrected_step_size(group, t)
+
+
 @torch.no_grad()
-def soap_update(group: dict, params: list[torch.Tensor], grads: torch.Tensor, state: dict, calls: int) -> None:
-    """One SOAP step for a batch of same-shape parameters (see :class:`SOAP`).
+def soap_direction(
+    group: dict, shape: tuple[int, ...], grads: torch.Tensor, state: dict, calls: int
+) -> torch.Tensor | None:
+    """One SOAP step's direction ``U`` for a batch of same-shape parameters (see :class:`SOAP`), with
+    ``W -= soap_step_size(group, calls) * U`` and then the decay to follow.
 
     ``grads``: ``(B, *shape)`` full gradients; ``state``: batched state tensors (``exp_avg``, ``exp_avg_sq``,
-    ``factor_d``/``basis_d``, ``basis_failures``), updated in place; ``calls``: how many times these
-    parameters were stepped before. Works for a batch of one too (the single-tensor path). The update is
-    added to the rows each parameter holds (all of them for a plain tensor, its shard for a DTensor).
+    ``factor_d``/``basis_d``, ``basis_failures``), updated in place (factors and bases too); ``calls``: how
+    many times these parameters were stepped before. Works for a batch of one too (the single-tensor path).
+    Returns ``None`` on a step that only builds the basis.
     """
-    work, dims = SOAP.layout(group, tuple(params[0].shape))
+    work, dims = SOAP.layout(group, shape)
     g = grads.reshape(-1, *work)
     n = calls + 1
     before = group["factor_update_order"] == "before"
     warmup = group["adam_warmup_steps"]
-    t = n if (before or warmup > 0) else n - 1
+    t = _t(group, calls)
 
     if before:
         _update_factors(group, state, g, dims, n)
@@ -303,7 +345,7 @@ def soap_update(group: dict, params: list[torch.Tensor], grads: torch.Tensor, st
     elif t == 0:
         _update_factors(group, state, g, dims, n)
         _build_basis(state, dims)
-        return
+        return None
 
     beta1, beta2 = group["betas"]
     rotate = t > warmup
@@ -314,26 +356,21 @@ def soap_update(group: dict, params: list[torch.Tensor], grads: torch.Tensor, st
     exp_avg_sq.lerp_(gp.square(), 1.0 - beta2)
 
     lr = group["lr"]
-    bias1 = 1.0 - beta1**t if group["correct_bias"] else 1.0
-    bias2 = 1.0 - beta2**t if group["correct_bias"] else 1.0
     if group["use_nesterov"]:
+        bias1 = 1.0 - beta1**t if group["correct_bias"] else 1.0
         bias1_next = 1.0 - beta1 ** (t + 1) if group["correct_bias"] else 1.0
         numerator = exp_avg.mul(beta1 / bias1_next).add_(gp, alpha=(1.0 - beta1) / bias1)
-        step_size = lr * math.sqrt(bias2)
     else:
         numerator = exp_avg
-        step_size = lr * math.sqrt(bias2) / bias1
     update = numerator / exp_avg_sq.sqrt().add_(group["eps"])
     if rotate:
         update = _rotate(update, state, dims, into=False)
     if group["normalize_grads"]:
         update = update / (_rms(update) + 1e-30)
 
-    nvidia = group["trace_normalization"] or group["normalize_preconditioned_grads"] or group["max_update_rms"] > 0
-    if nvidia:
+    if _nvidia(group):
         # NVIDIA's options act on the bias-corrected update U with W -= lr * U.
-        update = update * (step_size / lr) if lr > 0 else update
-        step_size = lr
+        update = update * (_bias_corrected_step_size(group, t) / lr) if lr > 0 else update
         if group["trace_normalization"] and 0 in dims:
             trace = state["factor_0"].diagonal(dim1=-2, dim2=-1).sum(-1)
             update = update * trace.sqrt().reshape(-1, *[1] * len(work))
@@ -342,11 +379,6 @@ def soap_update(group: dict, params: list[torch.Tensor], grads: torch.Tensor, st
         if group["max_update_rms"] > 0:
             update = update * (group["max_update_rms"] / (_rms(update) + 1e-7)).clamp(max=1.0)
 
-    updates = list(update.reshape(grads.shape).to(params[0].dtype).unbind(0))
-    add_local_(params, updates, alpha=-step_size)
-    if group["weight_decay"] != 0.0:
-        torch._foreach_mul_([local(p) for p in params], 1.0 - lr * group["weight_decay"])
-
     if not before:
         _update_factors(group, state, g, dims, n)
         if warmup > 0 and t == warmup:
@@ -354,3 +386,4 @@ def soap_update(group: dict, params: list[torch.Tensor], grads: torch.Tensor, st
             exp_avg.copy_(_rotate(exp_avg, state, dims, into=True))
         elif t > warmup and dims and _refresh_due(group, t):
             _refresh(group, state, dims, work, group["use_eigh"])
+    return update.reshape(grads.shape)

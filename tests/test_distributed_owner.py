@@ -1,8 +1,8 @@
-"""Owner-computes Muon (``matrix_update="owner"``) under DDP, FSDP2 and HSDP (gloo, CPU ranks).
+"""Owner-computes Muon, SOAP and Shampoo (``matrix_update="owner"``) under DDP, FSDP2 and HSDP (gloo, CPU ranks).
 
-Each matrix is orthogonalized on one rank only (:mod:`eopt.owner`); the checks: the result equals one process
-and the replicated reference, each matrix is orthogonalized exactly once per step over all ranks, owner-only
-state shrinks with the ranks, and the plan is the same on every rank and balanced.
+Each matrix's work runs on one rank only (:mod:`eopt.owner`); the checks: the result equals one process and the
+replicated reference, each matrix is orthogonalized (SOAP's and Shampoo's direction computed) exactly once per
+step over all ranks, owner-only state shrinks with the ranks, and the plan is the same on every rank and balanced.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 import eopt.muon
+import eopt.shampoo
+import eopt.soap
 from eopt.owner import assign
 from tests.distributed_utils import Tensors, optimizer_parity, spawn
 from tests.test_distributed_matrix import QKV_HINTS, QKV_SHAPES, SHAPES
@@ -40,6 +42,58 @@ def _parity(rank: int, world_size: int, kind: str) -> None:
 @pytest.mark.parametrize(("kind", "world_size"), KINDS)
 def test_owner_and_replicated_match_one_process(kind, world_size):
     spawn(_parity, world_size, kind)
+
+
+KRONECKER_CASES = [
+    # (12, 8): the 12-dim is above max_precond_dim, so it is rotated on one side only.
+    ("soap", {"lr": 1e-2, "weight_decay": 0.1, "precondition_frequency": 2, "max_precond_dim": 10}),
+    # (6, 4, 3) merges to (6, 12); NVIDIA's factor order (the first call already steps), eigh at every step.
+    ("soap", {"lr": 1e-2, "merge_dims": True, "max_precond_dim": 12, "factor_update_order": "before", "use_eigh": 1}),
+    # Blocks of at most 4 rows: (5, 6) and (12, 8) have blocks that straddle the shard boundaries.
+    ("shampoo", {"lr": 1e-2, "weight_decay": 0.01, "max_preconditioner_dim": 4, "precondition_frequency": 2}),
+    ("shampoo", {"lr": 1e-2, "max_preconditioner_dim": 4, "precondition_frequency": 1, "betas": (0.0, 0.99)}),
+]
+
+
+def _kronecker_parity(rank: int, world_size: int, kind: str) -> None:
+    for name, hparams in KRONECKER_CASES:
+        for mode in ("owner", "replicated"):
+            optimizer_parity(rank, world_size, kind, name, SHAPES, {}, {**hparams, "matrix_update": mode})
+
+
+@pytest.mark.parametrize(("kind", "world_size"), KINDS)
+def test_soap_and_shampoo_owner_and_replicated_match_one_process(kind, world_size):
+    spawn(_kronecker_parity, world_size, kind)
+
+
+def _directions_counted(rank: int, world_size: int, kind: str) -> None:
+    # Count the matrices whose SOAP / Shampoo direction (rotations, factors, refreshes) this rank computes: the
+    # batch size of each call, whose gradients are argument 2 of soap_direction and 1 of shampoo_direction.
+    steps, matrices = 3, sum(1 for s in SHAPES.values() if len(s) >= 2)
+    for module, function, grads_at, name in (
+        (eopt.soap, "soap_direction", 2, "soap"),
+        (eopt.shampoo, "shampoo_direction", 1, "shampoo"),
+    ):
+        calls = []
+        real = getattr(module, function)
+
+        def counted(*args, real=real, grads_at=grads_at, calls=calls):
+            calls.append(args[grads_at].shape[0])
+            return real(*args)
+
+        setattr(module, function, counted)
+        optimizer_parity(rank, world_size, kind, name, SHAPES, {}, {"precondition_frequency": 1}, steps)
+        setattr(module, function, real)
+        mine = torch.tensor(sum(calls) - matrices * steps)  # the one-process reference did every matrix here
+        everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+        dist.all_gather(everyone, mine)
+        assert sum(t.item() for t in everyone) == matrices * steps, f"{name}: matrices per rank {everyone}"
+        assert sum(t.item() > 0 for t in everyone) > 1, f"{name}: one rank did all the work: {everyone}"
+
+
+@pytest.mark.parametrize(("kind", "world_size"), [("ddp", 3), ("fsdp", 2), ("hsdp", 4)])
+def test_each_soap_and_shampoo_direction_is_computed_once_per_step(kind, world_size):
+    spawn(_directions_counted, world_size, kind)
 
 
 def _counted(rank: int, world_size: int, kind: str) -> None:
