@@ -49,9 +49,11 @@ class Shampoo(KroneckerOptimizer):
     in ``state[p]["root_failures"]`` (their sum is :meth:`metrics`' ``shampoo_root_failures``). Same-size
     factors (across blocks and same-shape parameters) are updated and eigendecomposed in one batched call.
 
-    On FSDP2/HSDP shards every rank gathers the full gradients (a block may straddle shards) and runs the
-    whole update on full, replicated state, then decays its own rows and adds its rows of the update (see
-    :mod:`eopt.kronecker`).
+    Under DDP, FSDP2 and HSDP, ``matrix_update="owner"`` (the default) runs each parameter's Shampoo once, on
+    its owner rank, which gets the full gradient (a block may straddle shards) and alone holds the momentum,
+    grafting state, factors and roots; every rank decays its rows and adds its rows of the direction.
+    ``"replicated"`` runs every parameter on every rank on full, replicated state (the reference). See
+    :class:`eopt.kronecker.KroneckerOptimizer`.
     """
 
     algorithm = "shampoo"

@@ -72,8 +72,10 @@ class SOAP(KroneckerOptimizer):
     batched QR / eigh per refresh. An eigh failure retries in float64, then keeps the previous basis and
     counts the event in ``state[p]["basis_failures"]`` (their sum is :meth:`metrics`' ``soap_basis_failures``).
 
-    On FSDP2/HSDP shards every rank gathers the full gradients and runs the whole update on full, replicated
-    state, then adds its own rows of the update and decays them (see :mod:`eopt.kronecker`).
+    Under DDP, FSDP2 and HSDP, ``matrix_update="owner"`` (the default) runs each matrix's SOAP once, on its
+    owner rank, which alone holds the matrix's moments, factors and bases; every rank adds its rows of the
+    direction and decays them. ``"replicated"`` runs every matrix on every rank on full, replicated state (the
+    reference). See :class:`eopt.kronecker.KroneckerOptimizer`.
     """
 
     algorithm = "soap"

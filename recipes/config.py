@@ -117,7 +117,7 @@ class ParallelismConfig:
     reshard_after_forward: bool = True  # FSDP2: free the gathered block after its forward (ZeRO-3); False = ZeRO-2
     mixed_precision: bool = True  # FSDP2 on GPU: bf16 parameters for compute, fp32 gradient reduction
     cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state on the host
-    matrix_update: str = "replicated"  # Muon: owner (each matrix once, on one rank) | replicated (every rank)
+    matrix_update: str = "owner"  # Muon/SOAP/Shampoo: owner (each matrix once, on one rank) | replicated (every rank)
     timeout_s: int = 600  # collective timeout: a lost rank ends the job after at most this long
 
 

@@ -19,7 +19,6 @@ from torch import nn
 
 import eopt
 from eopt.distributed import all_reduce_sum_, local
-from eopt.kronecker import KroneckerOptimizer
 from recipes.config import ScheduleConfig
 from recipes.errors import ConfigError
 from recipes.models import param_hints
@@ -93,11 +92,6 @@ def _build(
     entry = eopt.OPTIMIZERS[name]
     if "matrix_update" in entry.defaults:
         kwargs["matrix_update"] = matrix_update
-    elif matrix_update == "owner" and issubclass(entry.cls, KroneckerOptimizer):
-        raise ConfigError(
-            f"parallelism.matrix_update=owner is not available for {name} yet (Muon has it): "
-            "use parallelism.matrix_update=replicated"
-        )
     if "bs" in eopt.OPTIMIZERS[name].defaults and kwargs.get("bs") is None:
         kwargs["bs"] = tokens_per_step
     backup = ocfg.get("backup")
@@ -118,7 +112,7 @@ def _build(
         raise ConfigError(f"optimizer ({name}): {e}") from e
 
 
-def check_optimizer(ocfg: Mapping[str, Any], matrix_update: str = "replicated") -> None:
+def check_optimizer(ocfg: Mapping[str, Any], matrix_update: str = "owner") -> None:
     """Validate an optimizer config (with the parallelism's ``matrix_update``) by building it over two small
     stand-in parameters, before any real work."""
     params = [("matrix", nn.Parameter(torch.zeros(4, 4))), ("vector", nn.Parameter(torch.zeros(4)))]
@@ -126,10 +120,10 @@ def check_optimizer(ocfg: Mapping[str, Any], matrix_update: str = "replicated") 
 
 
 def build_optimizer(
-    model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_step: int, matrix_update: str = "replicated"
+    model: nn.Module, ocfg: Mapping[str, Any], *, tokens_per_step: int, matrix_update: str = "owner"
 ) -> torch.optim.Optimizer:
     """The eopt optimizer for ``model``, parameters routed with the model's hints; ``matrix_update`` (owner or
-    replicated) goes to the optimizers that take it (Muon)."""
+    replicated) goes to the optimizers that take it (Muon, SOAP, Shampoo)."""
     return _build(model.named_parameters(), param_hints(model), ocfg, tokens_per_step, matrix_update)
 
 

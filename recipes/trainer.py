@@ -353,7 +353,7 @@ def _train(cfg: Config, run_dir: Path, par: Parallel) -> dict[str, Any]:
     if owned:
         log.print(
             f"matrix_update=owner: {owned['units']} matrices over {owned['ranks']} ranks, "
-            f"busiest rank {owned['balance']:.2f}x the mean Newton-Schulz FLOPs"
+            f"busiest rank {owned['balance']:.2f}x the mean matrix-work FLOPs"
         )
     if resumed:
         log.print(f"resumed from {resumed[0].name} (step {state.step})")

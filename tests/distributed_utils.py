@@ -99,6 +99,37 @@ def _full_grads(shapes: dict[str, Sequence[int]], step: int) -> dict[str, torch.
     return {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
 
 
+def named(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s parameters under the names :class:`Tensors` was given."""
+    return [(n.replace("__", "."), p) for n, p in module.named_parameters()]
+
+
+def set_grads(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    """Give each parameter its (full) gradient: the rows it holds as a DTensor, a copy of the whole otherwise."""
+    for key, g in grads.items():
+        p = params[key]
+        p.grad = (
+            torch.distributed.tensor.DTensor.from_local(
+                local_slice(g, p).clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            )
+            if isinstance(p, torch.distributed.tensor.DTensor)
+            else g.clone()
+        )
+
+
+def assert_close_rows(
+    params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], rtol: float, what: str
+) -> None:
+    """Every parameter's local rows equal the same rows of its one-process reference within ``rtol`` of the
+    reference's largest magnitude."""
+    for key, ref in reference.items():
+        got, want = local(params[key]).detach(), local_slice(ref.detach(), params[key])
+        if not want.numel():
+            continue
+        err = ((got - want).abs().max() / ref.detach().abs().max().clamp_min(1e-12)).item()
+        assert err <= rtol, f"{what} {key}: relative error {err:.3g} > {rtol}"
+
+
 def optimizer_parity(
     rank: int,
     world_size: int,
@@ -121,10 +152,6 @@ def optimizer_parity(
     """
     reference = Tensors(shapes)
     sharded = shard(Tensors(shapes), kind, world_size)
-
-    def named(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [(n.replace("__", "."), p) for n, p in module.named_parameters()]
-
     # In a process group, plain tensors would make an owner-computes optimizer act as DDP: the reference replicates.
     one_process = {"matrix_update": "replicated"} if "matrix_update" in eopt.OPTIMIZERS[name].defaults else {}
     ref_opt = eopt.build(named(reference), name, hints=hints, **{**hparams, **one_process})
@@ -132,27 +159,14 @@ def optimizer_parity(
     ref_params, params = dict(named(reference)), dict(named(sharded))
     for step in range(steps):
         grads = _full_grads(shapes, step)
-        for key, g in grads.items():
-            ref_params[key].grad = g.clone()
-            p = params[key]
-            p.grad = (
-                torch.distributed.tensor.DTensor.from_local(
-                    local_slice(g, p).clone(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-                )
-                if kind != "ddp"
-                else g.clone()
-            )
+        set_grads(ref_params, grads)
+        set_grads(params, grads)
         ref_opt.step()
         opt.step()
         if between_steps is not None:
             between_steps(ref_opt, step)
             between_steps(opt, step)
-        for key, ref in ref_params.items():
-            got, want = local(params[key]).detach(), local_slice(ref.detach(), params[key])
-            if not want.numel():
-                continue
-            err = ((got - want).abs().max() / ref.detach().abs().max().clamp_min(1e-12)).item()
-            assert err <= rtol, f"{name} {kind} rank {rank} step {step} {key}: relative error {err:.3g} > {rtol}"
+        assert_close_rows(params, ref_params, rtol, f"{name} {kind} rank {rank} step {step}")
     missing = [key for key, p in params.items() if not opt.state.get(p)]
     assert not missing, f"{name} {kind} rank {rank}: no optimizer state for {missing} (DCP needs an entry per param)"
     return opt

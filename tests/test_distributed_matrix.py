@@ -1,9 +1,10 @@
 """Muon, SOAP and Shampoo on FSDP2 and HSDP shards equal the same optimizer in one process (gloo, CPU ranks).
 
-The matrix work is replicated (every rank gathers each full matrix and adds the rows it holds), so the checks
-cover what sharding could break: uneven and empty shards, a 3-D tensor, fused QKV stored (in, out), SOAP's
-one-sided and merged factors, Shampoo blocks that straddle shards, basis/root refreshes within the 5 steps,
-and the failure counters of :meth:`metrics`.
+SOAP and Shampoo run with ``matrix_update="replicated"`` here (every rank gathers each full matrix and adds the
+rows it holds; ``tests/test_distributed_owner.py`` checks the owner path against it); Muon and the failure
+counters with the default, ``"owner"``. The checks cover what sharding could break: uneven and empty shards, a
+3-D tensor, fused QKV stored (in, out), SOAP's one-sided and merged factors, Shampoo blocks that straddle
+shards, basis/root refreshes within the 5 steps, and the failure counters of :meth:`metrics`.
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ def _kronecker_cases(rank: int, world_size: int, kind: str) -> None:
         # NVIDIA's factor order (the first call already steps) and eigh refreshes at every step.
         {"lr": 1e-2, "precondition_frequency": 1, "factor_update_order": "before", "use_eigh": True},
     ):
-        optimizer_parity(rank, world_size, kind, "soap", SHAPES, {}, hparams)
+        optimizer_parity(rank, world_size, kind, "soap", SHAPES, {}, {**hparams, "matrix_update": "replicated"})
     for hparams in (
         # Blocks of at most 4 rows: (5, 6) and (12, 8) have blocks across the shard boundary.
         {"lr": 1e-2, "weight_decay": 0.01, "max_preconditioner_dim": 4, "precondition_frequency": 2},
         {"lr": 1e-2, "max_preconditioner_dim": 4, "precondition_frequency": 1, "betas": (0.0, 0.99)},
     ):
-        optimizer_parity(rank, world_size, kind, "shampoo", SHAPES, {}, hparams)
+        optimizer_parity(rank, world_size, kind, "shampoo", SHAPES, {}, {**hparams, "matrix_update": "replicated"})
 
 
 @pytest.mark.parametrize(("kind", "world_size"), KINDS)

@@ -10,12 +10,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import eopt.muon
 import eopt.shampoo
 import eopt.soap
 from eopt.owner import assign
-from tests.distributed_utils import Tensors, optimizer_parity, spawn
+from tests.distributed_utils import (
+    Tensors,
+    _full_grads,
+    assert_close_rows,
+    named,
+    optimizer_parity,
+    set_grads,
+    shard,
+    spawn,
+)
 from tests.test_distributed_matrix import QKV_HINTS, QKV_SHAPES, SHAPES
 
 pytestmark = pytest.mark.distributed
@@ -124,29 +135,30 @@ EQUAL = {f"m{i}.weight": (8, 12) for i in range(6)}
 
 
 def _state_bytes(rank: int, world_size: int, kind: str) -> None:
-    def muon_state(opt) -> int:
-        muon = [p for g in opt.param_groups if g["algorithm"] == "muon" for p in g["params"]]
+    def matrix_state(opt, name: str) -> int:
+        matrices = [p for g in opt.param_groups if g["algorithm"] == name for p in g["params"]]
         return sum(
             (v.to_local() if hasattr(v, "to_local") else v).numel() * v.element_size()
-            for p in muon
+            for p in matrices
             for v in opt.state[p].values()
             if isinstance(v, torch.Tensor)
         )
 
-    hparams = {"second_moment": "adamuon"}
-    # Plain tensors in a process group count as DDP: "replicated" holds what one process would.
-    one = eopt.build(list(Tensors(EQUAL).named_parameters()), "muon", **hparams, matrix_update="replicated")
-    opt = optimizer_parity(rank, world_size, kind, "muon", EQUAL, {}, {**hparams, "matrix_update": "owner"})
-    ratio = muon_state(opt) / muon_state(one)
-    # FSDP: momentum sharded, moment2 on the owner: 1/W. DDP: momentum whole, moment2 on the owner.
-    bound = 0.55 if kind == "fsdp" else (1 + 1 / world_size) / 2 + 0.05
-    assert ratio <= bound, f"{kind} rank {rank}: Muon state {ratio:.2f}x one process (bound {bound:.2f})"
-    plan = opt.plan()
-    assert plan["units"] == len(EQUAL) and plan["ranks"] == world_size and plan["balance"] == 1.0, plan
-    mine = torch.tensor([plan["owners"][name] for name in EQUAL])
-    everyone = [torch.zeros_like(mine) for _ in range(world_size)]
-    dist.all_gather(everyone, mine)
-    assert all(torch.equal(o, mine) for o in everyone), f"the plan differs between ranks: {everyone}"
+    for name, hparams in (("muon", {"second_moment": "adamuon"}), ("soap", {}), ("shampoo", {})):
+        # Plain tensors in a process group count as DDP: "replicated" holds what one process would.
+        one = eopt.build(list(Tensors(EQUAL).named_parameters()), name, **hparams, matrix_update="replicated")
+        opt = optimizer_parity(rank, world_size, kind, name, EQUAL, {}, {**hparams, "matrix_update": "owner"})
+        ratio = matrix_state(opt, name) / matrix_state(one, name)
+        # Muon: momentum sharded under FSDP (whole under DDP), moment2 on the owner. SOAP and Shampoo: everything
+        # but the step counters on the owner, under both.
+        bound = 0.55 if kind == "fsdp" or name != "muon" else (1 + 1 / world_size) / 2 + 0.05
+        assert ratio <= bound, f"{kind} rank {rank}: {name} state {ratio:.2f}x one process (bound {bound:.2f})"
+        plan = opt.plan()
+        assert plan["units"] == len(EQUAL) and plan["ranks"] == world_size and plan["balance"] == 1.0, plan
+        mine = torch.tensor([plan["owners"][n] for n in EQUAL])
+        everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+        dist.all_gather(everyone, mine)
+        assert all(torch.equal(o, mine) for o in everyone), f"{name}: the plan differs between ranks: {everyone}"
 
 
 @pytest.mark.parametrize(("kind", "world_size"), [("fsdp", 2), ("ddp", 2)])
@@ -162,3 +174,61 @@ def test_assignment_is_longest_first_to_the_least_loaded_rank():
     # The next group starts from those loads: 2 -> 2 (13), then the tie 13/13 goes to rank 0.
     assert assign([2.0, 2.0], loads) == [2, 0]
     assert assign([1.0, 1.0], [0.0] * 4) == [0, 1]
+
+
+RESUMED = [
+    ("muon", {"lr": 0.02, "weight_decay": 0.1, "second_moment": "normuon"}),
+    ("soap", {"lr": 1e-2, "weight_decay": 0.1, "precondition_frequency": 2, "max_precond_dim": 10}),
+    ("shampoo", {"lr": 1e-2, "weight_decay": 0.01, "max_preconditioner_dim": 4, "precondition_frequency": 2}),
+]
+SAVED_AT, RESUMED_TO = 3, 6
+
+
+def _train_and_save(rank: int, world_size: int, kind: str, directory: str) -> None:
+    for name, hparams in RESUMED:
+        model = shard(Tensors(SHAPES), kind, world_size)
+        params = dict(named(model))
+        opt = eopt.build(named(model), name, **hparams)
+        for step in range(SAVED_AT):
+            set_grads(params, _full_grads(SHAPES, step))
+            opt.step()
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{directory}/{name}")
+
+
+def _resume_and_compare(rank: int, world_size: int, kind: str, directory: str) -> None:
+    for name, hparams in RESUMED:
+        model = shard(Tensors(SHAPES, seed=1), kind, world_size)  # other weights: all must come from the checkpoint
+        params = dict(named(model))
+        opt = eopt.build(named(model), name, **hparams)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=f"{directory}/{name}")
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        reference = Tensors(SHAPES)
+        ref_params = dict(named(reference))
+        ref_opt = eopt.build(named(reference), name, **{**hparams, "matrix_update": "replicated"})
+        for step in range(RESUMED_TO):
+            grads = _full_grads(SHAPES, step)
+            set_grads(ref_params, grads)
+            ref_opt.step()
+            if step >= SAVED_AT:
+                set_grads(params, grads)
+                opt.step()
+                assert_close_rows(params, ref_params, 1e-5, f"{name} {kind} {world_size} ranks, step {step}")
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        (("fsdp", 2), ("fsdp", 3)),  # 2 -> 3: every unit re-planned, state moved to its new owner
+        (("fsdp", 2), ("ddp", 1)),  # 2 -> 1: one process holds every unit's state
+        (("ddp", 1), ("fsdp", 2)),  # 1 -> 2
+        (("fsdp", 2), ("ddp", 2)),  # fsdp -> ddp
+    ],
+)
+def test_resume_at_another_world_size_moves_owner_state_exactly(source, target, tmp_path):
+    """Saved after 3 steps with ``torch.distributed.checkpoint`` (as the recipe does), resumed on another layout:
+    steps 4-6 equal one process that never stopped, within 1e-5 (the same full gradients everywhere)."""
+    spawn(_train_and_save, source[1], source[0], str(tmp_path))
+    spawn(_resume_and_compare, target[1], target[0], str(tmp_path))

@@ -16,9 +16,9 @@ multi-process launches, each rank running its cases one after another; the tests
 - resume at another world size and layout for every optimizer (fsdp 2 -> single, single -> fsdp 2,
   fsdp 2 -> ddp 2): the checkpoint of step 3 is resumed and steps 4-6 must match the run that went on.
 
-Owner-computes Muon (``parallelism.matrix_update=owner``, with NorMuon's second moments, which live on each
-matrix's owner only) runs every case above as an eighth optimizer, plus a resume from fsdp 2 to fsdp 3 ranks,
-which moves each matrix's state to its new owner.
+Muon, SOAP and Shampoo run owner-computes (``parallelism.matrix_update=owner``, the default): each matrix's work
+on one rank, its SOAP/Shampoo state and NorMuon's second moments (an eighth case, "normuon") held there only.
+A resume from fsdp 2 to fsdp 3 ranks moves each matrix's state to its new owner, for the three of them.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from tests.tiny import TINY_GPT2, TINY_LLAMA
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-# Owner-computes Muon: each matrix's Newton–Schulz on one rank, NorMuon's second moment held there only.
-VARIANTS = {
-    "normuon_owner": ["optimizer=muon", "optimizer.second_moment=normuon", "parallelism.matrix_update=owner"],
-}
+# NorMuon: its second moments live on each matrix's owner only.
+VARIANTS = {"normuon": ["optimizer=muon", "optimizer.second_moment=normuon"]}
+# Owner state moved to new owners by a resume on more ranks.
+OWNER_STATE = ("normuon", "soap", "shampoo")
 OPTIMIZERS = ("adamw", "muon", "soap", "shampoo", "adam_mini", "adafactor", "sophia", *VARIANTS)
 MODELS = {
     "gpt2": ["model=gpt2_tiny", *TINY_GPT2],
@@ -72,7 +72,18 @@ RTOL = 1e-5
 REASSOCIATED_RTOL = 1e-4
 
 
+# Owner-computes Muon (the default) adds each update to the weights in two roundings (the owner's scaled update,
+# then the add on each rank) where one process adds it in one (SOAP and Shampoo send the unscaled direction and
+# add it as one process does). Equal to fp32 rounding but not bitwise, and Adam's normalization of rare tokens'
+# embedding rows amplifies it (up to 8.5e-4 of the tensor's scale on the Llama), as it does Shampoo's root inverses
+# on the reassociated gradients of 3 ranks (2.2e-4). The losses still agree within RTOL; tests/test_distributed_owner.py
+# checks owner-computes within 1e-5 on identical gradients, resumes at other world sizes included.
+OWNER_RTOL = 1e-3
+
+
 def weights_rtol(optimizer: str) -> float:
+    if optimizer in ("muon", *VARIANTS):
+        return OWNER_RTOL
     return REASSOCIATED_RTOL if optimizer == "sophia" else RTOL
 
 
@@ -174,12 +185,21 @@ def runs(pystdlib_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         to_two.append((gpt2 + ["parallelism=fsdp"], str(resumed)))
         resumed = resumable_copy(root / f"fsdp-gpt2-{opt}", root / f"fsdp-to-ddp-gpt2-{opt}")
         to_two.append((gpt2 + ["parallelism=ddp"], str(resumed)))
-    # 2 -> 3 ranks: one micro-batch of 1 per step and rank in both, so the 2-rank run that went on is the reference.
-    six = overrides(pystdlib_data_root, "gpt2", "normuon_owner", "train.batch_size=6", "train.micro_batch_size=1")
-    two_of_six = str(root / "fsdp-gpt2-six-normuon_owner")
-    spawn(run_cases, 2, to_two + [(six + ["parallelism=fsdp"], two_of_six)])
-    resumed = resumable_copy(Path(two_of_six), root / "fsdp-to-fsdp3-gpt2-six-normuon_owner")
-    spawn(run_cases, 3, [(six + ["parallelism=fsdp"], str(resumed))])
+    # 2 -> 3 ranks: the 2-rank run that went on is the reference.
+    six = {
+        opt: overrides(pystdlib_data_root, "gpt2", opt, "train.batch_size=6", "train.micro_batch_size=1")
+        for opt in OWNER_STATE
+    }
+    spawn(
+        run_cases,
+        2,
+        to_two + [(six[opt] + ["parallelism=fsdp"], str(root / f"fsdp-gpt2-six-{opt}")) for opt in OWNER_STATE],
+    )
+    to_three = []
+    for opt in OWNER_STATE:
+        resumed = resumable_copy(root / f"fsdp-gpt2-six-{opt}", root / f"fsdp-to-fsdp3-gpt2-six-{opt}")
+        to_three.append((six[opt] + ["parallelism=fsdp"], str(resumed)))
+    spawn(run_cases, 3, to_three)
     spawn(run_cases, 1, to_one)
     return root
 
@@ -233,8 +253,9 @@ def test_resume_at_another_world_size(runs, resumed, source, optimizer):
     assert_same_weights(run, original, weights_rtol(optimizer))
 
 
-def test_owner_state_moves_to_its_new_owner_from_two_to_three_ranks(runs):
-    run, original = runs / "fsdp-to-fsdp3-gpt2-six-normuon_owner", runs / "fsdp-gpt2-six-normuon_owner"
+@pytest.mark.parametrize("optimizer", OWNER_STATE)
+def test_owner_state_moves_to_its_new_owner_from_two_to_three_ranks(runs, optimizer):
+    run, original = runs / f"fsdp-to-fsdp3-gpt2-six-{optimizer}", runs / f"fsdp-gpt2-six-{optimizer}"
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     assert_same_losses(run, original, from_step=4)
-    assert_same_weights(run, original, REASSOCIATED_RTOL)
+    assert_same_weights(run, original, OWNER_RTOL)

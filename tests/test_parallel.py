@@ -94,7 +94,6 @@ def run_as_rank0(args: list[str], world_size: int) -> subprocess.CompletedProces
         (["parallelism=fsdp", "optimizer=sophia", "optimizer.estimator=hutchinson"], 2, "hutchinson cannot run"),
         (["parallelism=ddp", "optimizer=sophia", "train.micro_batch_size=1"], 2, "micro_batch_size=1"),
         (["parallelism=fsdp", "parallelism.matrix_update=ownr"], 2, "matrix_update='ownr' is unknown"),
-        (["parallelism=fsdp", "parallelism.matrix_update=owner", "optimizer=soap"], 2, "matrix_update=replicated"),
         (["parallelism=ddp", "optimizer=muon", "+optimizer.matrix_update=owner"], 2, "parallelism.matrix_update"),
         (["parallelism=tp"], 2, "parallelism/tp"),
     ],
