@@ -8,9 +8,9 @@ gradients. ``one process`` times ``optimizer.step()`` on the whole model with on
 thread each (``torch.multiprocessing``) run the same step on FSDP2 shards (``fully_shard`` per decoder layer and
 the root, as the recipe) or on whole parameters (DDP), with ``matrix_update`` ``replicated`` and ``owner``, the
 cases timed interleaved. A step's time is the slowest rank's (the ranks meet at a barrier before and after it);
-the table gives the median over ``--steps`` steps after one warm-up step and the mean (SOAP and Shampoo refresh
-their bases and roots every ``precondition_frequency`` = 10 steps: the mean of 10 steps carries one refresh,
-the median none), and:
+the table gives the median over ``--steps`` steps after one warm-up step and the mean (SOAP refreshes its bases
+every 10 steps by default: the mean of 10 steps carries one refresh, the median none; Shampoo's default
+computes its root inverses at every step), and:
 
 - ``state/rank``: the largest rank's bytes of the matrix groups' state (Muon: NorMuon, whose second moment is
   owner-only; SOAP, Shampoo: all of it but the step counters is owner-only);
