@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,8 @@ ON_THE_TEST_CLUSTER = [
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.timeout_min=20",
 ]
+# Job names unique in the cluster's accounting, which outlives test sessions (a process id alone gets reused).
+UNIQUE = uuid.uuid4().hex[:12]
 DROP = ("HYDRA_FULL_ERROR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY")
 
 
@@ -101,7 +104,7 @@ def sweep(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def test_lr_sweep_runs_one_job_per_point_with_two_tasks_each(slurm_env, pystdlib_data_root, tmp_path):
-    sweep_id = f"lr-sweep-{os.getpid()}"  # unique in the cluster's accounting, which outlives test sessions
+    sweep_id = f"lr-sweep-{UNIQUE}"
     env = {**slurm_env, "EOPT_SWEEP_ID": sweep_id}
     proc = sweep(
         [
@@ -196,17 +199,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_los
     slurm_env, pystdlib_data_root, uninterrupted, tmp_path
 ):
     common = [f"data.root={pystdlib_data_root}", *PREEMPTED]
-    env = {**slurm_env, "EOPT_SWEEP_ID": f"preemption-{os.getpid()}"}
+    env = {**slurm_env, "EOPT_SWEEP_ID": f"preemption-{UNIQUE}"}
     proc = sweep([*common, f"hydra.sweep.dir={tmp_path}/sweep"], env)
     name = "muon-lr0.02-n_layer2-hidden_size64-n_head2-seq_len32-batch_size4-micro_batch_size2-eval_tokens1024-"
     run_dir = tmp_path / "sweep" / f"0_{name}max_steps40-s1337"
 
     def trained(steps: int) -> bool:
         path = run_dir / "metrics.jsonl"
-        return path.exists() and path.read_text().count("train/loss") >= steps
+        return path.exists() and path.read_text().count('"train/loss":') >= steps  # records, not train/loss_avg
 
     wait_until(lambda: trained(5), 600, "the job did not start training", proc)
-    job = slurm("squeue", "-h", "-n", f"eopt-preemption-{os.getpid()}", "-o", "%i", env=env).split()[0]
+    job = slurm("squeue", "-h", "-n", f"eopt-preemption-{UNIQUE}", "-o", "%i", env=env).split()[0]
     slurm("scancel", "--signal=USR2", job, env=env)
 
     out, err = proc.communicate(timeout=600)
@@ -244,7 +247,9 @@ def test_sbatch_template_requeues_on_the_time_limit_warning(slurm_env, pystdlib_
         cwd=REPO,
     ).strip()
     deadline = time.monotonic() + 600
-    while not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count("train/") < 5:
+    while (
+        not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count('"train/loss":') < 5
+    ):
         assert time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.5)
     slurm("scancel", "--signal=USR1", "--batch", job, env=env)

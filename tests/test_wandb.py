@@ -149,7 +149,9 @@ def test_resumed_run_continues_the_same_wandb_run(pystdlib_data_root, tmp_path):
     ]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count("train/") < 3:
+    while (
+        not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count('"train/loss":') < 3
+    ):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.2)
