@@ -9,13 +9,14 @@ The optimizers then work in three ways, chosen by the math:
 - elementwise math (AdamW, Sophia, Muon's momentum, weight decay) runs on :func:`local` shards;
 - a statistic that spans shards (Adam-mini's per-block second moment, Adafactor's column factor and RMS) is
   a local partial sum, reduced over the shard groups with one :func:`all_reduce_sum_` per param group;
-- matrix work (Muon's Newton–Schulz, SOAP's and Shampoo's factors and bases) runs on the :func:`full`
-  matrix, identically on every rank (``matrix_update="replicated"``), and each rank adds the rows of the
-  result that it holds (:func:`add_local_`, or :func:`copy_local_` around the one-process in-place update).
+- matrix work (Muon's Newton–Schulz, SOAP's and Shampoo's factors and bases) runs on the whole matrix: once,
+  on the matrix's owner rank (``matrix_update="owner"``, :mod:`eopt.owner`), or on the :func:`full` matrix
+  identically on every rank (``"replicated"``), each rank then applying the rows of the result that it holds
+  (:func:`local_slice`, or :func:`copy_local_` around the one-process in-place update).
 
-State layout rule (see :mod:`eopt.base`): a state tensor either is sharded like its parameter (a
-``DTensor``) or holds the same value on every rank; never a plain tensor whose value differs between ranks
-under one key, since ``torch.distributed.checkpoint`` keeps one rank's copy of a plain tensor.
+State layout rule (see :mod:`eopt.base`): a state tensor is sharded like its parameter (a ``DTensor``), holds
+the same value on every rank, or exists on one rank only (an owner's); never a plain tensor whose value differs
+between ranks under one key, since ``torch.distributed.checkpoint`` keeps one rank's copy of a plain tensor.
 """
 
 from __future__ import annotations
@@ -90,16 +91,6 @@ def all_reduce_sum_(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     for group in shard_groups(like):
         dist.all_reduce(buffer, group=group)
     return buffer
-
-
-def add_local_(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], alpha: float = 1.0) -> None:
-    """``params[i] += alpha * updates[i]`` where every update is a global-shape tensor: each rank adds the rows
-    of its own shard (the whole update for a plain parameter). One foreach call."""
-    if not params:
-        return
-    torch._foreach_add_(
-        [local(p) for p in params], [local_slice(u, p) for u, p in zip(updates, params, strict=True)], alpha=alpha
-    )
 
 
 def copy_local_(wholes: Sequence[torch.Tensor], params: Sequence[torch.Tensor], into_params: bool) -> None:

@@ -211,8 +211,7 @@ class SOAP(KroneckerOptimizer):
         re-expression."""
         work, dims = self.layout(group, shape)
         numel = math.prod(work)
-        freq = group["precondition_frequency"]
-        every = freq if isinstance(freq, int) else 10
+        every = _frequency(group, 1)  # a callable frequency: its value at the first step
         per_step = sum(2 * numel * work[d] * 4 for d in dims)
         per_refresh = sum(2 * work[d] ** 3 + 4 * work[d] ** 3 + 2 * 2 * numel * work[d] for d in dims)
         return float(per_step + per_refresh / every)

@@ -141,7 +141,7 @@ def read_offline(path: Path, now: float, running_window: float = RUNNING_WINDOW_
         summary: dict[str, Any] = {}
         exited = False
         for file in files:
-            records = inspect(file)
+            records = read_log(file)
             for record in records:
                 kind = record.get("type")
                 if kind == "run":
@@ -160,7 +160,7 @@ def read_offline(path: Path, now: float, running_window: float = RUNNING_WINDOW_
     return runs
 
 
-def inspect(file: Path) -> list[dict[str, Any]]:
+def read_log(file: Path) -> list[dict[str, Any]]:
     """The records of one ``.wandb`` transaction log, as wandb's reader prints them."""
     command = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(file)]
     started = time.monotonic()

@@ -22,7 +22,7 @@ import pytest
 
 from recipes import wandb_runs
 from recipes.compare import CompareError, compare, read_run
-from tests.tiny import TINY_GPT2, TINY_RUN
+from tests.tiny import TINY_GPT2, TINY_RUN, wait_for_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -132,13 +132,7 @@ def test_a_stopped_and_resumed_run_reads_back_as_its_run_directory(pystdlib_data
     args = [f"data.root={pystdlib_data_root}", *TINY, "train.max_steps=40", "train.eval_every=10", "train.log_every=1"]
     command = [sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while (
-        not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count('"train/loss":') < 6
-    ):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_steps(run_dir, proc, 6, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by signal" in err, err
@@ -170,7 +164,7 @@ class PublicApi:
         self.calls: list[tuple[str, dict | None]] = []
         self.runs_by_group: dict[str, list[SimpleNamespace]] = {}
         for file in sorted(root.rglob("run-*.wandb")):
-            records = wandb_runs.inspect(file)
+            records = wandb_runs.read_log(file)
             (run,) = [r["run"] for r in records if r["type"] == "run"]
             summary: dict = {}
             for r in records:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed_utils import free_port, losses
-from tests.tiny import TINY_LLAMA, TINY_RUN
+from tests.tiny import TINY_LLAMA, TINY_RUN, wait_for_steps
 
 pytestmark = pytest.mark.distributed
 
@@ -41,19 +41,6 @@ def run_train(command: list[str]) -> subprocess.CompletedProcess:
 
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
-
-
-def train_records(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return path.read_text().count('"train/loss":') if path.exists() else 0
-
-
-def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while train_records(run_dir) < steps:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run did not start training in time"
-        time.sleep(0.2)
 
 
 def rank_pid(parent: int, rank: int) -> int:

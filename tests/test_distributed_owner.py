@@ -77,6 +77,15 @@ def test_soap_and_shampoo_owner_and_replicated_match_one_process(kind, world_siz
     spawn(_kronecker_parity, world_size, kind)
 
 
+def assert_done_once_and_shared(mine: int, total: int, world_size: int, what: str) -> None:
+    """The ranks' counts of units computed (``mine`` here) add up to ``total``, and more than one rank did some."""
+    counts = torch.tensor(mine)
+    everyone = [torch.zeros_like(counts) for _ in range(world_size)]
+    dist.all_gather(everyone, counts)
+    assert sum(t.item() for t in everyone) == total, f"{what}: units computed per rank {everyone}, {total} in all"
+    assert sum(t.item() > 0 for t in everyone) > 1, f"{what}: one rank did all the work: {everyone}"
+
+
 def _directions_counted(rank: int, world_size: int, kind: str) -> None:
     # Count the matrices whose SOAP / Shampoo direction (rotations, factors, refreshes) this rank computes: the
     # batch size of each call, whose gradients are argument 2 of soap_direction and 1 of shampoo_direction.
@@ -95,11 +104,8 @@ def _directions_counted(rank: int, world_size: int, kind: str) -> None:
         setattr(module, function, counted)
         optimizer_parity(rank, world_size, kind, name, SHAPES, {}, {"precondition_frequency": 1}, steps)
         setattr(module, function, real)
-        mine = torch.tensor(sum(calls) - matrices * steps)  # the one-process reference did every matrix here
-        everyone = [torch.zeros_like(mine) for _ in range(world_size)]
-        dist.all_gather(everyone, mine)
-        assert sum(t.item() for t in everyone) == matrices * steps, f"{name}: matrices per rank {everyone}"
-        assert sum(t.item() > 0 for t in everyone) > 1, f"{name}: one rank did all the work: {everyone}"
+        # the one-process reference did every matrix here too
+        assert_done_once_and_shared(sum(calls) - matrices * steps, matrices * steps, world_size, name)
 
 
 @pytest.mark.parametrize(("kind", "world_size"), [("ddp", 3), ("fsdp", 2), ("hsdp", 4)])
@@ -119,11 +125,7 @@ def _counted(rank: int, world_size: int, kind: str) -> None:
     pieces = (
         sum(1 for s in QKV_SHAPES.values() if len(s) >= 2) - 1 + len(QKV_HINTS["h.attn.c_attn.weight"]["split_qkv"])
     )
-    mine = torch.tensor(sum(calls) - pieces * steps)
-    everyone = [torch.zeros_like(mine) for _ in range(world_size)]
-    dist.all_gather(everyone, mine)
-    assert sum(t.item() for t in everyone) == pieces * steps, f"pieces orthogonalized per rank: {everyone}"
-    assert sum(t.item() > 0 for t in everyone) > 1, f"one rank did all the work: {everyone}"
+    assert_done_once_and_shared(sum(calls) - pieces * steps, pieces * steps, world_size, "muon")
 
 
 @pytest.mark.parametrize(("kind", "world_size"), [("ddp", 3), ("fsdp", 2), ("hsdp", 4)])

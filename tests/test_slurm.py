@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import TINY_GPT2, TINY_RUN
+from tests.tiny import TINY_GPT2, TINY_RUN, wait_for_steps
 
 pytestmark = pytest.mark.slurm
 
@@ -150,14 +150,6 @@ def test_lr_sweep_runs_one_job_per_point_with_two_tasks_each(slurm_env, pystdlib
     assert states.split() == [f"eopt-{sweep_id}|COMPLETED"] * 3
 
 
-def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, what
-        time.sleep(0.5)
-
-
 PREEMPTED = ["optimizer=muon", "optimizer.lr=0.02", "train.max_steps=40", "train.eval_every=10"]
 
 
@@ -204,11 +196,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_los
     name = "muon-lr0.02-n_layer2-hidden_size64-n_head2-seq_len32-batch_size4-micro_batch_size2-eval_tokens1024-"
     run_dir = tmp_path / "sweep" / f"0_{name}max_steps40-s1337"
 
-    def trained(steps: int) -> bool:
-        path = run_dir / "metrics.jsonl"
-        return path.exists() and path.read_text().count('"train/loss":') >= steps  # records, not train/loss_avg
-
-    wait_until(lambda: trained(5), 600, "the job did not start training", proc)
+    wait_for_steps(run_dir, proc, 5, timeout=600)
     job = slurm("squeue", "-h", "-n", f"eopt-preemption-{UNIQUE}", "-o", "%i", env=env).split()[0]
     slurm("scancel", "--signal=USR2", job, env=env)
 
@@ -246,12 +234,7 @@ def test_sbatch_template_requeues_on_the_time_limit_warning(slurm_env, pystdlib_
         env=env,
         cwd=REPO,
     ).strip()
-    deadline = time.monotonic() + 600
-    while (
-        not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count('"train/loss":') < 5
-    ):
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.5)
+    wait_for_steps(run_dir, None, 5, timeout=600)
     slurm("scancel", "--signal=USR1", "--batch", job, env=env)
     states = job_states(job, env, timeout=600)
     log = (tmp_path / f"{job}.out").read_text()

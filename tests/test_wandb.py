@@ -15,7 +15,7 @@ import pytest
 
 from recipes.config import LoggerConfig
 from recipes.metrics import WandbSink
-from tests.tiny import TINY_GPT2, TINY_RUN
+from tests.tiny import TINY_GPT2, TINY_RUN, wait_for_steps
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [*TINY_GPT2, *TINY_RUN, "train.save_model=false", "train.log_every=1", "logger=wandb"]
@@ -148,13 +148,7 @@ def test_resumed_run_continues_the_same_wandb_run(pystdlib_data_root, tmp_path):
         f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while (
-        not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").read_text().count('"train/loss":') < 3
-    ):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_steps(run_dir, proc, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by signal" in err, err

@@ -1,5 +1,11 @@
 """Overrides shared by the tests that run the recipe end to end: tiny models and a small batch, so that a run
-takes seconds on two CPU cores."""
+takes seconds on two CPU cores; and :func:`wait_for_steps`, to act on such a run once it has trained a while."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
 
 # GPT-2 (the default model family) at 2 layers x 64.
 TINY_GPT2 = ["model.n_layer=2", "model.hidden_size=64", "model.n_head=2"]
@@ -22,3 +28,19 @@ TINY_RUN = [
     "train.eval_tokens=1024",
     "logger.progress=false",
 ]
+
+
+def train_records(run_dir: Path) -> int:
+    """The train records in ``run_dir``'s ``metrics.jsonl`` so far (by their key: ``train/loss_avg`` not counted)."""
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count('"train/loss":') if path.exists() else 0
+
+
+def wait_for_steps(run_dir: Path, proc: subprocess.Popen | None, steps: int, timeout: float = 240) -> None:
+    """Wait until the run has written ``steps`` train records (``train.log_every=1``: steps); fail if ``proc``, the
+    launcher when there is one, ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while train_records(run_dir) < steps:
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run did not start training in time"
+        time.sleep(0.2)
