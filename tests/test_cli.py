@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny import TINY_GPT2
+from tests.tiny import TINY_GPT2, signal_mid_run, wait_for_steps
 
 REPO = Path(__file__).resolve().parents[1]
 # A small model and batch so that each run takes seconds on two CPU cores.
@@ -134,19 +133,6 @@ def test_help_and_cfg_job_show_the_config():
     assert "family: llama" in proc.stdout and "max_steps: 250" in proc.stdout and "name: adamw" in proc.stdout
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(
-            json.loads(x).get("step", 0) >= step for x in path.read_text().splitlines() if x.strip().endswith("}")
-        ):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
-
-
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(pystdlib_data_root, tmp_path, how):
     common = [
@@ -171,8 +157,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(pystdlib_data
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for_step(resumed, 6, proc)
-    proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+    wait_for_steps(resumed, proc, 6)
+    signal_mid_run(proc.pid, signal.SIGKILL if how == "sigkill" else signal.SIGTERM, resumed, max_steps=16)
     proc.wait(timeout=120)
     # SIGKILL dies; SIGTERM (preemption) checkpoints the step it stopped after and exits 0, so SLURM requeues it.
     assert proc.returncode == (0 if how == "sigterm" else -signal.SIGKILL)

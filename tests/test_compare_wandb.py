@@ -22,7 +22,7 @@ import pytest
 
 from recipes import wandb_runs
 from recipes.compare import CompareError, compare, read_run
-from tests.tiny import TINY_GPT2, TINY_RUN, wait_for_steps
+from tests.tiny import TINY_GPT2, TINY_RUN, signal_mid_run, wait_for_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -133,7 +133,7 @@ def test_a_stopped_and_resumed_run_reads_back_as_its_run_directory(pystdlib_data
     command = [sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(run_dir, proc, 6, timeout=300)
-    proc.send_signal(signal.SIGTERM)
+    signal_mid_run(proc.pid, signal.SIGTERM, run_dir, max_steps=40)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by signal" in err, err
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed_utils import free_port, losses
-from tests.tiny import TINY_LLAMA, TINY_RUN, wait_for_steps
+from tests.tiny import TINY_LLAMA, TINY_RUN, signal_mid_run, wait_for_steps
 
 pytestmark = pytest.mark.distributed
 
@@ -91,7 +91,7 @@ def test_torchrun_fsdp_stopped_on_one_rank_resumes_to_the_one_process_run(pystdl
         command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     wait_for_steps(run_dir, proc, 5)
-    os.kill(rank_pid(proc.pid, 1), sig)
+    signal_mid_run(rank_pid(proc.pid, 0), sig, run_dir, max_steps=30, target=rank_pid(proc.pid, 1))
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     stopped = re.search(rf"stopped by signal {int(sig)} at step (\d+)", err)

@@ -15,7 +15,7 @@ import pytest
 
 from recipes.config import LoggerConfig
 from recipes.metrics import WandbSink
-from tests.tiny import TINY_GPT2, TINY_RUN, wait_for_steps
+from tests.tiny import TINY_GPT2, TINY_RUN, signal_mid_run, wait_for_steps
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [*TINY_GPT2, *TINY_RUN, "train.save_model=false", "train.log_every=1", "logger=wandb"]
@@ -149,7 +149,7 @@ def test_resumed_run_continues_the_same_wandb_run(pystdlib_data_root, tmp_path):
     ]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(run_dir, proc, 3)
-    proc.send_signal(signal.SIGTERM)
+    signal_mid_run(proc.pid, signal.SIGTERM, run_dir, max_steps=40)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by signal" in err, err
     stopped_at = jsonl(run_dir)[-1]["step"]

@@ -1,8 +1,11 @@
 """Overrides shared by the tests that run the recipe end to end: tiny models and a small batch, so that a run
-takes seconds on two CPU cores; and :func:`wait_for_steps`, to act on such a run once it has trained a while."""
+takes seconds on two CPU cores; and :func:`wait_for_steps` and :func:`signal_mid_run`, to act on such a run once it
+has trained a while."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -44,3 +47,17 @@ def wait_for_steps(run_dir: Path, proc: subprocess.Popen | None, steps: int, tim
         assert proc is None or proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run did not start training in time"
         time.sleep(0.2)
+
+
+def signal_mid_run(writer: int, sig: int, run_dir: Path, max_steps: int, target: int | None = None) -> None:
+    """Send ``sig`` to ``target`` (default: ``writer``) while ``writer``, the process that writes ``metrics.jsonl``
+    (rank 0), is held by SIGSTOP. The signal lands before the run's last step however long the machine takes between
+    seeing a step and sending it: a held rank 0 keeps the other ranks within a step of it, and the signal is handled
+    when it goes on."""
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        written = train_records(run_dir)
+        assert written <= max_steps - 3, f"the run reached step {written} of {max_steps} before it was signalled"
+        os.kill(target or writer, sig)
+    finally:
+        os.kill(writer, signal.SIGCONT)
