@@ -19,8 +19,9 @@ State is created eagerly when a group is added, so that every rank of a distribu
 state keys from the start (lazily created state breaks ``torch.distributed.checkpoint``).
 
 Distributed state layout (DDP, FSDP2, HSDP; see :mod:`eopt.distributed`): every rank keeps a state entry for
-every parameter, and each state tensor is either sharded like its parameter (a ``DTensor``) or holds the same
-value on every rank. A plain tensor whose value differs between ranks is never held under one key:
+every parameter (``set_state_dict`` wants one; it may be empty), and each state tensor is sharded like its
+parameter (a ``DTensor``), holds the same value on every rank, or exists on one rank only (an owner's, see
+:mod:`eopt.owner`). A plain tensor whose value differs between ranks is never held under one key:
 ``torch.distributed.checkpoint`` would silently keep one rank's copy.
 """
 

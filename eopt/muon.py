@@ -138,7 +138,8 @@ class Muon(OwnerPlans, Optimizer):
     (``all_to_all_single`` of the rows under FSDP2/HSDP; already whole under DDP), the owner runs the pieces,
     stacks, Newton–Schulz and second moment exactly as one process would on its matrices, and each rank gets
     back its rows of the scaled update and adds them. NorMuon's and AdaMuon's ``moment2`` live on the owner
-    only. :meth:`plan` describes the assignment.
+    only; under DDP, where every rank holds whole matrices, so does the momentum (the owner alone advances it,
+    and the other ranks keep an empty state entry). :meth:`plan` describes the assignment.
 
     With ``matrix_update="replicated"`` (the reference) on FSDP2/HSDP shards, momentum, Nesterov
     and weight decay run on each rank's rows (``momentum_buffer`` is sharded like its parameter); ``u`` is
@@ -259,20 +260,30 @@ class Muon(OwnerPlans, Optimizer):
             return sum(max(o, i) for o, i in piece_dims(shape, group))
         return 0
 
+    def _owner_state_numel(self, group: dict, shape: torch.Size, whole: bool) -> int:
+        """Elements of a parameter's state that only its owner holds: the second moment, and under DDP
+        (``whole`` matrices on every rank) the momentum too."""
+        return self._moment2_numel(group, shape) + (math.prod(shape) if whole else 0)
+
     def _init_state(self, group: dict) -> None:
+        params = group["params"]
+        # Under DDP (whole matrices on every rank) all of a matrix's state lives on its owner; under FSDP2/HSDP the
+        # momentum is sharded like its parameter and only the second moment follows the full matrix to its owner.
+        whole = bool(params) and not is_sharded(params[0])
         plan = self._make_plan(
             group,
-            [newton_schulz_flops(group, p.shape) for p in group["params"]],
-            [self._moment2_numel(group, p.shape) * p.element_size() for p in group["params"]],
+            [newton_schulz_flops(group, p.shape) for p in params],
+            [self._owner_state_numel(group, p.shape, whole) * p.element_size() for p in params],
         )
-        for unit, p in enumerate(group["params"]):
-            state = self.state[p]
+        for unit, p in enumerate(params):
+            state = self.state[p]  # an empty entry on the other ranks under DDP: no keys for DCP to look for
+            owned = plan is None or plan.owns(unit)
+            if not owned and whole:
+                continue
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             if group["second_moment"] == "adamuon":
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            # The second moments follow the full matrices: plain tensors on the owner only (matrix_update="owner"),
-            # or the same on every rank (replicated).
-            if group["second_moment"] is not None and (plan is None or plan.owns(unit)):
+            if group["second_moment"] is not None and owned:
                 shape = p.shape if group["second_moment"] == "adamuon" else (self._moment2_numel(group, p.shape),)
                 state["moment2"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
 
@@ -280,23 +291,22 @@ class Muon(OwnerPlans, Optimizer):
         params = params_with_grad(group)
         if not params:
             return
-        lr, wd, b = group["lr"], group["weight_decay"], group["momentum"]
+        lr, wd = group["lr"], group["weight_decay"]
         sharded = is_sharded(params[0])
-        weights, grads = params, [p.grad for p in params]
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        if sharded:
-            # Momentum, Nesterov and decay are elementwise: each rank updates the rows it holds.
-            weights, grads, bufs = ([local(t) for t in ts] for ts in (weights, grads, bufs))
-        torch._foreach_lerp_(bufs, grads, 1.0 - b)
-        inputs = torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs
-        if group["second_moment"] == "adamuon":
-            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
+        plan = self._plan_of(group)
+        active = [unit for unit, p in enumerate(group["params"]) if p.grad is not None]  # the units of ``params``
+        # The matrices whose momentum this rank keeps: all (one process, replicated, or its rows under FSDP2/HSDP),
+        # or under DDP with an owner plan the ones it owns.
+        stepped = params
+        if plan is not None and not sharded:
+            stepped = [p for unit, p in zip(active, params, strict=True) if plan.owns(unit)]
+        inputs = self._momentum(group, stepped) if stepped else []
+        weights = [local(p) for p in params]
         if wd != 0.0:
             # Decoupled decay touches only the weights, so it can precede the update computed from u.
             torch._foreach_mul_(weights, 1.0 - lr * wd)
-        plan = self._plan_of(group)
         if plan is not None:
-            self._update_owned(group, plan, params, inputs, weights)
+            self._update_owned(group, plan, active, params, inputs, weights)
             return
         targets = params
         if sharded:
@@ -313,12 +323,25 @@ class Muon(OwnerPlans, Optimizer):
         if sharded:
             copy_local_(targets, params, into_params=True)
 
-    def _update_owned(self, group: dict, plan: Plan, params: list, inputs: list, weights: list) -> None:
-        """Owner-computes: this rank's ``inputs`` rows go to their owners, which add each piece's scaled
-        orthogonalized update into zeroed full-shape targets; each rank gets back and adds its rows."""
-        unit_of = {id(p): unit for unit, p in enumerate(group["params"])}
-        active = [unit_of[id(p)] for p in params]
-        full_inputs = plan.gather(active, inputs)
+    def _momentum(self, group: dict, params: list) -> list[torch.Tensor]:
+        """Advance the momentum (and AdaMuon's step) of ``params``; returns the orthogonalization inputs ``u``.
+        Elementwise: on FSDP2/HSDP shards each rank updates the rows it holds."""
+        b = group["momentum"]
+        grads = [local(p.grad) for p in params]
+        bufs = [local(self.state[p]["momentum_buffer"]) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1.0 - b)
+        if group["second_moment"] == "adamuon":
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
+        return torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs
+
+    def _update_owned(
+        self, group: dict, plan: Plan, active: list[int], params: list, inputs: list, weights: list
+    ) -> None:
+        """Owner-computes: this rank's ``inputs`` rows of the ``params`` (units ``active`` of the plan) go to their
+        owners (under DDP ``inputs`` are already the whole inputs of the matrices this rank owns), which add each
+        piece's scaled orthogonalized update into zeroed full-shape targets; each rank gets back and adds its
+        rows."""
+        full_inputs = plan.gather(active, inputs) if is_sharded(params[0]) else inputs
         owned = [p for unit, p in zip(active, params, strict=True) if plan.owns(unit)]
         targets = [torch.zeros_like(u) for u in full_inputs]
         if group["foreach"] is False:

@@ -21,9 +21,12 @@ param group gets a :class:`Plan`, built once and identically on every rank witho
 Traffic per step is the minimum for a sharded matrix: each unit's shards go to its owner once and its
 update comes back once, plus the replicate-group all-gather that replicas need anyway.
 
-State that only the owner needs (NorMuon's and AdaMuon's second moments) lives on the owner only, as a plain
-tensor under the parameter's usual key: ``torch.distributed.checkpoint`` saves the one copy and, after a
-change of world size, each new owner's placeholder loads it by key (the plan is rebuilt from the new world).
+State that only the owner needs (NorMuon's and AdaMuon's second moments; under DDP Muon's momentum too; SOAP's
+and Shampoo's moments, factors and bases) lives on the owner only, as a plain tensor under the parameter's usual
+key: ``torch.distributed.checkpoint`` saves the one copy and, after a change of world size, each new owner's
+placeholder loads it by key (the plan is rebuilt from the new world). A rank keeps an entry for every parameter,
+empty when it holds nothing of it: ``set_state_dict`` wants the entry, and an empty one gives DCP no key to look
+for, so checkpoints of any layout load.
 """
 
 from __future__ import annotations
