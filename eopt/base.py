@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -94,8 +94,9 @@ class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """Create the state of every parameter of one of this algorithm's groups."""
 
     @abc.abstractmethod
-    def _step_group(self, group: dict) -> None:
-        """Update the parameters of one of this algorithm's groups that have a gradient."""
+    def _step_group(self, group: dict) -> Iterator[None] | None:
+        """Update the parameters of one of this algorithm's groups that have a gradient; or return a generator that
+        does, yielding while it waits on other ranks (owner-computes exchanges), for :meth:`step` to advance."""
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Scalars worth logging next to the loss (e.g. Sophia's win rate, eigendecomposition failures), as 0-d
@@ -127,13 +128,25 @@ class Optimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Generator steps (owner-computes) are advanced in turns, each to its next exchange with the other ranks, in
+        # the same group order on every rank: the exchanges of one group travel while the others compute. The
+        # backup AdamW runs after the first turn, while the first exchanges are in flight.
+        running = [self._step_group(group) for group in self.param_groups if group["algorithm"] != "adamw"]
+        running = _advance([steps for steps in running if steps is not None])
         adamw_groups = [group for group in self.param_groups if group["algorithm"] == "adamw"]
         if adamw_groups:
             adamw_step_groups(adamw_groups, self.state)
-        for group in self.param_groups:
-            if group["algorithm"] != "adamw":
-                self._step_group(group)
+        while running:
+            running = _advance(running)
         return loss
+
+
+_DONE = object()
+
+
+def _advance(running: list[Iterator[None]]) -> list[Iterator[None]]:
+    """Resume each generator step once, in order; the ones that have not finished."""
+    return [steps for steps in running if next(steps, _DONE) is not _DONE]
 
 
 def params_with_grad(group: dict) -> list[torch.Tensor]:

@@ -411,11 +411,10 @@ class KroneckerOptimizer(OwnerPlans, Optimizer):
             buckets = self._make_buckets(group, adopt=True)
         return buckets
 
-    def _step_group(self, group: dict) -> None:
+    def _step_group(self, group: dict) -> Iterator[None] | None:
         plan = self._plan_of(group)
         if plan is not None:
-            self._step_owned(group, plan)
-            return
+            return self._owner_steps(group, plan)
         for bucket in self._group_buckets(group):
             by_calls: dict[int, list[int]] = defaultdict(list)
             for i, p in enumerate(bucket.params):
@@ -429,6 +428,7 @@ class KroneckerOptimizer(OwnerPlans, Optimizer):
                     self._apply(group, [local(p) for p in params], views, calls)
                 for p in params:
                     self.state[p]["step"].add_(1)
+        return None
 
     def _bucket_directions(
         self, group: dict, bucket: StateBuckets, sel: list[int], calls: int, grads: torch.Tensor
@@ -442,13 +442,17 @@ class KroneckerOptimizer(OwnerPlans, Optimizer):
                 scatter_bucket(bucket, sel, state)
         return None if directions is None else list(directions.to(p0.dtype).unbind(0))
 
-    def _step_owned(self, group: dict, plan: Plan) -> None:
-        """Owner-computes: full gradients to their owners, directions computed there, rows back, applied everywhere."""
+    def _owner_steps(self, group: dict, plan: Plan) -> Iterator[None]:
+        """Owner-computes, as a generator step (:meth:`eopt.base.Optimizer.step`): full gradients to their owners,
+        directions computed there, rows back, applied everywhere. Yields while an exchange is in flight."""
         params = group["params"]
         active = [unit for unit, p in enumerate(params) if p.grad is not None]
         calls = {unit: int(self.state[params[unit]]["step"]) for unit in active}
         owned = [unit for unit in active if plan.owns(unit)]
-        grad_of = dict(zip(owned, plan.gather(active, [local(params[u].grad) for u in active]), strict=True))
+        collect = plan.gather(active, [local(params[u].grad) for u in active])
+        if plan.ranks.shards > 1:
+            yield
+        grad_of = dict(zip(owned, collect(), strict=True))
         unit_of = {id(p): unit for unit, p in enumerate(params)}
         direction_of: dict[int, torch.Tensor] = {}
         for bucket in self._group_buckets(group):
@@ -463,7 +467,9 @@ class KroneckerOptimizer(OwnerPlans, Optimizer):
                     direction_of.update(zip(units, directions, strict=True))
         # Whether a step moves the weights depends only on its count, which every rank knows for every unit.
         moving = [unit for unit in active if self._moves(group, calls[unit])]
-        rows = plan.scatter(moving, [direction_of[u] for u in moving if plan.owns(u)])
+        collect = plan.scatter(moving, [direction_of[u] for u in moving if plan.owns(u)])
+        yield
+        rows = collect()
         by_calls_rows: dict[int, list[int]] = defaultdict(list)
         for j, unit in enumerate(moving):
             by_calls_rows[calls[unit]].append(j)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 
@@ -287,10 +288,10 @@ class Muon(OwnerPlans, Optimizer):
                 shape = p.shape if group["second_moment"] == "adamuon" else (self._moment2_numel(group, p.shape),)
                 state["moment2"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
 
-    def _step_group(self, group: dict) -> None:
+    def _step_group(self, group: dict) -> Iterator[None] | None:
         params = params_with_grad(group)
         if not params:
-            return
+            return None
         lr, wd = group["lr"], group["weight_decay"]
         sharded = is_sharded(params[0])
         plan = self._plan_of(group)
@@ -306,8 +307,7 @@ class Muon(OwnerPlans, Optimizer):
             # Decoupled decay touches only the weights, so it can precede the update computed from u.
             torch._foreach_mul_(weights, 1.0 - lr * wd)
         if plan is not None:
-            self._update_owned(group, plan, active, params, inputs, weights)
-            return
+            return self._owner_steps(group, plan, active, params, inputs, weights)
         targets = params
         if sharded:
             # Newton–Schulz needs whole matrices: every rank gathers each u and computes the same full update,
@@ -322,6 +322,7 @@ class Muon(OwnerPlans, Optimizer):
             self._update_batched(group, params, inputs, targets)
         if sharded:
             copy_local_(targets, params, into_params=True)
+        return None
 
     def _momentum(self, group: dict, params: list) -> list[torch.Tensor]:
         """Advance the momentum (and AdaMuon's step) of ``params``; returns the orthogonalization inputs ``u``.
@@ -334,21 +335,27 @@ class Muon(OwnerPlans, Optimizer):
             torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
         return torch._foreach_lerp(grads, bufs, b) if group["nesterov"] else bufs
 
-    def _update_owned(
+    def _owner_steps(
         self, group: dict, plan: Plan, active: list[int], params: list, inputs: list, weights: list
-    ) -> None:
-        """Owner-computes: this rank's ``inputs`` rows of the ``params`` (units ``active`` of the plan) go to their
-        owners (under DDP ``inputs`` are already the whole inputs of the matrices this rank owns), which add each
-        piece's scaled orthogonalized update into zeroed full-shape targets; each rank gets back and adds its
-        rows."""
-        full_inputs = plan.gather(active, inputs) if is_sharded(params[0]) else inputs
+    ) -> Iterator[None]:
+        """Owner-computes, as a generator step (:meth:`eopt.base.Optimizer.step`): this rank's ``inputs`` rows of
+        the ``params`` (units ``active`` of the plan) go to their owners (under DDP ``inputs`` are already the whole
+        inputs of the matrices this rank owns), which add each piece's scaled orthogonalized update into zeroed
+        full-shape targets; each rank gets back and adds its rows. Yields while an exchange is in flight."""
+        full_inputs = inputs
+        if is_sharded(params[0]):
+            collect = plan.gather(active, inputs)
+            yield
+            full_inputs = collect()
         owned = [p for unit, p in zip(active, params, strict=True) if plan.owns(unit)]
         targets = [torch.zeros_like(u) for u in full_inputs]
         if group["foreach"] is False:
             self._update_single(group, owned, full_inputs, targets)
         else:
             self._update_batched(group, owned, full_inputs, targets)
-        torch._foreach_add_(weights, plan.scatter(active, targets))
+        collect = plan.scatter(active, targets)
+        yield
+        torch._foreach_add_(weights, collect())
 
     def _update_single(self, group: dict, params: list, inputs: list, targets: list) -> None:
         """Reference path: one matrix piece at a time; adds each piece's update of ``inputs[j]`` into

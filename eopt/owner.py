@@ -17,6 +17,11 @@ param group gets a :class:`Plan`, built once and identically on every rank witho
   ``all_to_all_single``), then, when there are several replicas (HSDP, DDP), each rank all-gathers the rows
   that the other replicas' owners computed along the replicate group. Every rank then applies the rows it
   holds with elementwise ops.
+- **Overlap.** Both exchanges only start the collectives (``async_op``) and return a function that collects
+  the results. An optimizer's owner step is a generator that yields while its exchanges are in flight, and
+  :meth:`eopt.base.Optimizer.step` advances the groups in turn: every group's inputs travel before any group
+  computes, and a group's results travel while the next groups compute and the backup AdamW runs, so a rank
+  waits only for what it has no work left without.
 
 Traffic per step is the minimum for a sharded matrix: each unit's shards go to its owner once and its
 update comes back once, plus the replicate-group all-gather that replicas need anyway.
@@ -32,7 +37,7 @@ for, so checkpoints of any layout load.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +46,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 MATRIX_UPDATES = ("owner", "replicated")
+
+# What :meth:`Plan.gather` and :meth:`Plan.scatter` return: wait for the exchange they started, give its results.
+Collect = Callable[[], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -180,15 +188,19 @@ class Plan:
         r = self.ranks
         return [self._owned_by(r.replica * r.shards + d, active) for d in range(r.shards)]
 
-    def _exchange(self, send: list[torch.Tensor], in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
-        """One ``all_to_all_single`` over the shard group with uneven splits (gloo's list form rejects them)."""
+    def _exchange(
+        self, send: list[torch.Tensor], in_splits: list[int], out_splits: list[int]
+    ) -> tuple[torch.Tensor, dist.Work]:
+        """Start one ``all_to_all_single`` over the shard group with uneven splits (gloo's list form rejects them);
+        returns the output buffer and the work to wait for."""
         inp = torch.cat(send) if send else torch.empty(0, dtype=self.dtype, device=self.device)
         out = torch.empty(sum(out_splits), dtype=self.dtype, device=self.device)
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ranks.shard_group())
-        return out
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.ranks.shard_group(), async_op=True)
+        return out, work
 
-    def gather(self, active: Sequence[int], parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The full input of every unit this rank owns among ``active`` (in ``active`` order).
+    def gather(self, active: Sequence[int], parts: Sequence[torch.Tensor]) -> Collect:
+        """Start sending the rows of the ``active`` units' inputs to their owners; returns the function that waits
+        for them and gives the full input of every unit this rank owns among ``active`` (in ``active`` order).
 
         ``parts[j]`` is this rank's rows of unit ``active[j]``'s input (the whole of it when unsharded).
         """
@@ -196,24 +208,33 @@ class Plan:
         part_of = dict(zip(active, parts, strict=True))
         mine = self._owned_by(r.rank, active)
         if r.shards == 1:
-            return [part_of[u] for u in mine]
+            fulls = [part_of[u] for u in mine]
+            return lambda: fulls
         dests = self._by_shard_owner(active)
-        out = self._exchange(
+        out_splits = [sum(self._numel(u, s) for u in mine) for s in range(r.shards)]
+        out, work = self._exchange(
             [part_of[u].reshape(-1) for units in dests for u in units],
             in_splits=[sum(self._numel(u, r.shard) for u in units) for units in dests],
-            out_splits=[sum(self._numel(u, s) for u in mine) for s in range(r.shards)],
+            out_splits=out_splits,
         )
-        rows: dict[int, list[torch.Tensor]] = {u: [] for u in mine}
-        for s, chunk in enumerate(out.split([sum(self._numel(u, s) for u in mine) for s in range(r.shards)])):
-            for u, piece in zip(mine, chunk.split([self._numel(u, s) for u in mine]), strict=True):
-                rows[u].append(piece)
-        return [torch.cat(rows[u]).view(self.shapes[u]) for u in mine]
 
-    def scatter(self, active: Sequence[int], fulls: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """This rank's rows of every ``active`` unit's result, one tensor per unit shaped like its rows.
+        def collect() -> list[torch.Tensor]:
+            work.wait()
+            rows: dict[int, list[torch.Tensor]] = {u: [] for u in mine}
+            for s, chunk in enumerate(out.split(out_splits)):
+                for u, piece in zip(mine, chunk.split([self._numel(u, s) for u in mine]), strict=True):
+                    rows[u].append(piece)
+            return [torch.cat(rows[u]).view(self.shapes[u]) for u in mine]
+
+        return collect
+
+    def scatter(self, active: Sequence[int], fulls: Sequence[torch.Tensor]) -> Collect:
+        """Start sending every rank its rows of the ``active`` units' results; returns the function that waits for
+        them and gives this rank's rows of every ``active`` unit, one tensor per unit shaped like its rows.
 
         ``fulls`` are the full results of the units this rank owns among ``active``, in the order :meth:`gather`
-        returned their inputs.
+        returned their inputs. Under HSDP the replicas' all-gather starts when the shard exchange is complete,
+        inside the returned function.
         """
         r = self.ranks
         mine = self._owned_by(r.rank, active)
@@ -224,27 +245,42 @@ class Plan:
         result: dict[int, torch.Tensor] = {}
         if r.shards == 1:
             result.update(zip(mine, fulls, strict=True))
-        else:
-            send = []
-            for s in range(r.shards):
-                for u, full in zip(mine, fulls, strict=True):
-                    start, stop = _rows(self.shapes[u][0], r.shards, s)
-                    send.append(full[start:stop].reshape(-1))
-            sources = self._by_shard_owner(active)
-            out_splits = [sum(self._numel(u, r.shard) for u in units) for units in sources]
-            out = self._exchange(
-                send, in_splits=[sum(self._numel(u, s) for u in mine) for s in range(r.shards)], out_splits=out_splits
-            )
+            replicas = self._gather_replicas(active, result, local_shape) if r.replicas > 1 else None
+            return lambda: self._complete(active, result, replicas)
+        send = []
+        for s in range(r.shards):
+            for u, full in zip(mine, fulls, strict=True):
+                start, stop = _rows(self.shapes[u][0], r.shards, s)
+                send.append(full[start:stop].reshape(-1))
+        sources = self._by_shard_owner(active)
+        out_splits = [sum(self._numel(u, r.shard) for u in units) for units in sources]
+        out, work = self._exchange(
+            send, in_splits=[sum(self._numel(u, s) for u in mine) for s in range(r.shards)], out_splits=out_splits
+        )
+
+        def collect() -> list[torch.Tensor]:
+            work.wait()
             for chunk, units in zip(out.split(out_splits), sources, strict=True):
                 for u, piece in zip(units, chunk.split([self._numel(u, r.shard) for u in units]), strict=True):
                     result[u] = piece.view(local_shape[u])
-        if r.replicas > 1:
-            self._gather_replicas(active, result, local_shape)
+            replicas = self._gather_replicas(active, result, local_shape) if r.replicas > 1 else None
+            return self._complete(active, result, replicas)
+
+        return collect
+
+    @staticmethod
+    def _complete(
+        active: Sequence[int], result: dict[int, torch.Tensor], replicas: Callable[[], None] | None
+    ) -> list[torch.Tensor]:
+        if replicas is not None:
+            replicas()
         return [result[u] for u in active]
 
-    def _gather_replicas(self, active: Sequence[int], result: dict[int, torch.Tensor], local_shape: dict) -> None:
-        """Complete ``result`` with the rows that the other replicas' owners computed: one all-gather over the
-        replicate group, each replica's rows padded to the longest."""
+    def _gather_replicas(
+        self, active: Sequence[int], result: dict[int, torch.Tensor], local_shape: dict
+    ) -> Callable[[], None]:
+        """Start the all-gather over the replicate group of the rows that each replica's owners computed (each
+        replica's rows padded to the longest); returns the function that waits for it and completes ``result``."""
         r = self.ranks
         by_replica = [[u for u in active if self.owners[u] // r.shards == q] for q in range(r.replicas)]
         sizes = [sum(self._numel(u, r.shard) for u in units) for units in by_replica]
@@ -253,13 +289,18 @@ class Plan:
         if mine:
             torch.cat(mine, out=buf[: sizes[r.replica]])
         bufs = [torch.empty_like(buf) for _ in range(r.replicas)]
-        dist.all_gather(bufs, buf, group=r.replicate_group())
-        for q, (units, got) in enumerate(zip(by_replica, bufs, strict=True)):
-            if q == r.replica:
-                continue
-            pieces = got[: sizes[q]].split([self._numel(u, r.shard) for u in units])
-            for u, piece in zip(units, pieces, strict=True):
-                result[u] = piece.view(local_shape[u])
+        work = dist.all_gather(bufs, buf, group=r.replicate_group(), async_op=True)
+
+        def complete() -> None:
+            work.wait()
+            for q, (units, got) in enumerate(zip(by_replica, bufs, strict=True)):
+                if q == r.replica:
+                    continue
+                pieces = got[: sizes[q]].split([self._numel(u, r.shard) for u in units])
+                for u, piece in zip(units, pieces, strict=True):
+                    result[u] = piece.view(local_shape[u])
+
+        return complete
 
 
 class OwnerPlans:
