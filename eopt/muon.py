@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from eopt.base import Optimizer, ParamGroups, check, params_with_grad
-from eopt.distributed import copy_local_, gather, is_sharded, local
+from eopt.distributed import copy_local_, gather, is_sharded, local, local_rows
 from eopt.newton_schulz import Coefficients, check_coefficients, newton_schulz
 from eopt.owner import MATRIX_UPDATES, OwnerPlans, Plan
 
@@ -80,6 +80,37 @@ def orthogonalize(group: dict, X: torch.Tensor) -> torch.Tensor:
 def step_size(group: dict, out_dim: int, in_dim: int) -> float:
     """The signed multiplier of an (out, in) piece's orthogonalized update: ``-lr * extra * scale(out, in)``."""
     return -group["lr"] * group["extra_scale_factor"] * scale_factor(group["scale"], out_dim, in_dim)
+
+
+def add_scaled_(group: dict, params: list, weights: list, rows: list) -> None:
+    """``weights[j] += step_size(piece) * rows[j]`` for every matrix piece of ``params[j]`` in the rows this rank
+    holds (``weights[j]`` and ``rows[j]`` are its local rows): one foreach add per step size, each element in one
+    rounding, as one process adds its update. ``split_qkv`` pieces are columns of an ``in_out`` weight, else
+    row ranges, which a shard's rows may cut."""
+    by_alpha: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for p, w, d in zip(params, weights, rows, strict=True):
+        start, stop = local_rows(p)
+        cols = math.prod(p.shape[1:])
+        w2, d2 = w.view(w.shape[0], cols), d.reshape(d.shape[0], cols)  # a view: the add must reach the weights
+        dims = piece_dims(p.shape, group)
+        if not group.get("split_qkv"):
+            views = [(w2, d2)]
+        elif group.get("in_out"):
+            sizes = list(group["split_qkv"])
+            views = list(zip(w2.split(sizes, 1), d2.split(sizes, 1), strict=True))
+        else:
+            views, offset = [], 0
+            for size in group["split_qkv"]:
+                lo, hi = max(offset, start), min(offset + size, stop)
+                views.append((w2[lo - start : max(lo, hi) - start], d2[lo - start : max(lo, hi) - start]))
+                offset += size
+        for (wv, dv), (o, i) in zip(views, dims, strict=True):
+            if wv.numel():
+                ws, ds = by_alpha[step_size(group, o, i)]
+                ws.append(wv)
+                ds.append(dv)
+    for alpha, (ws, ds) in by_alpha.items():
+        torch._foreach_add_(ws, ds, alpha=alpha)
 
 
 def newton_schulz_flops(group: dict, shape: torch.Size | tuple[int, ...]) -> float:
@@ -340,36 +371,42 @@ class Muon(OwnerPlans, Optimizer):
     ) -> Iterator[None]:
         """Owner-computes, as a generator step (:meth:`eopt.base.Optimizer.step`): this rank's ``inputs`` rows of
         the ``params`` (units ``active`` of the plan) go to their owners (under DDP ``inputs`` are already the whole
-        inputs of the matrices this rank owns), which add each piece's scaled orthogonalized update into zeroed
-        full-shape targets; each rank gets back and adds its rows. Yields while an exchange is in flight."""
+        inputs of the matrices this rank owns), which orthogonalize each piece (and apply the second moment);
+        each rank gets back its rows and adds them, each piece scaled in the add as one process
+        does (bitwise its arithmetic). Yields while an exchange is in flight."""
         full_inputs = inputs
         if is_sharded(params[0]):
             collect = plan.gather(active, inputs)
             yield
             full_inputs = collect()
         owned = [p for unit, p in zip(active, params, strict=True) if plan.owns(unit)]
-        targets = [torch.zeros_like(u) for u in full_inputs]
+        directions = [torch.empty_like(u) for u in full_inputs]
         if group["foreach"] is False:
-            self._update_single(group, owned, full_inputs, targets)
+            self._update_single(group, owned, full_inputs, directions, scaled=False)
         else:
-            self._update_batched(group, owned, full_inputs, targets)
-        collect = plan.scatter(active, targets)
+            self._update_batched(group, owned, full_inputs, directions, scaled=False)
+        collect = plan.scatter(active, directions)
         yield
-        torch._foreach_add_(weights, collect())
+        add_scaled_(group, params, weights, collect())
 
-    def _update_single(self, group: dict, params: list, inputs: list, targets: list) -> None:
+    def _update_single(self, group: dict, params: list, inputs: list, targets: list, scaled: bool = True) -> None:
         """Reference path: one matrix piece at a time; adds each piece's update of ``inputs[j]`` into
-        ``targets[j]`` (the weights, or full-shape buffers on shards)."""
+        ``targets[j]`` (the weights, or full-shape buffers on shards); with ``scaled=False`` writes the
+        orthogonalized piece itself, for the owner to send (each rank scales its rows, :func:`add_scaled_`)."""
         for p, u, target in zip(params, inputs, targets, strict=True):
             for idx, ((src, o, i), (dst, _, _)) in enumerate(
                 zip(matrix_pieces(u, group), matrix_pieces(target, group), strict=True)
             ):
                 ortho = orthogonalize(group, src.unsqueeze(0))
                 ortho = self._second_moment(group, [self._moment_view(p, group, idx)], [p], ortho, o, i)
-                dst.add_(ortho[0], alpha=step_size(group, o, i))
+                if scaled:
+                    dst.add_(ortho[0], alpha=step_size(group, o, i))
+                else:
+                    dst.copy_(ortho[0])
 
-    def _update_batched(self, group: dict, params: list, inputs: list, targets: list) -> None:
-        """Fast path: one batched Newton–Schulz per stack of same-shape pieces, foreach updates into ``targets``."""
+    def _update_batched(self, group: dict, params: list, inputs: list, targets: list, scaled: bool = True) -> None:
+        """Fast path: one batched Newton–Schulz per stack of same-shape pieces, foreach updates into ``targets``
+        (``scaled=False``: the orthogonalized pieces themselves, as :meth:`_update_single`)."""
         stacks: dict[tuple, list] = defaultdict(list)
         for p, u, target in zip(params, inputs, targets, strict=True):
             for idx, ((src, o, i), (dst, _, _)) in enumerate(
@@ -384,7 +421,10 @@ class Muon(OwnerPlans, Optimizer):
             moments = [self._moment_view(p, group, idx) for p, idx, *_ in pieces]
             ortho = self._second_moment(group, moments, [p for p, *_ in pieces], ortho, o, i)
             dsts = [dst for _, _, _, dst, _, _ in pieces]
-            torch._foreach_add_(dsts, list(ortho.unbind(0)), alpha=step_size(group, o, i))
+            if scaled:
+                torch._foreach_add_(dsts, list(ortho.unbind(0)), alpha=step_size(group, o, i))
+            else:
+                torch._foreach_copy_(dsts, list(ortho.unbind(0)))
 
     def _moment_view(self, p: torch.Tensor, group: dict, idx: int) -> torch.Tensor | None:
         """The second-moment state of piece ``idx`` of ``p``, shaped to broadcast against the piece."""
