@@ -13,7 +13,8 @@ every 10 steps by default: the mean of 10 steps carries one refresh, the median 
 computes its root inverses at every step), and:
 
 - ``state/rank``: the largest rank's bytes of the matrix groups' state (Muon: NorMuon, whose second moment is
-  owner-only; SOAP, Shampoo: all of it but the step counters is owner-only);
+  owner-only, and its momentum sharded under FSDP2 and owner-only under DDP; SOAP, Shampoo: all of it but the
+  step counters is owner-only);
 - ``sent/step``: bytes all ranks send per step in eopt's collectives, counted at ``all_to_all_single`` and
   ``all_gather`` (``replicated`` gathers each full ``u`` through DTensor: ``(W - 1) x`` the matrix bytes,
   computed); ``minimum`` is what owner-computes cannot avoid: under FSDP2 every matrix's shards go to its owner
