@@ -142,6 +142,50 @@ def test_each_matrix_is_orthogonalized_once_per_step(kind, world_size):
     spawn(_counted, world_size, kind)
 
 
+class _Waited:
+    """A collective's work that records when it is waited on."""
+
+    def __init__(self, work, events: list[str]) -> None:
+        self._work, self._events = work, events
+
+    def wait(self, *args):
+        self._events.append("wait")
+        return self._work.wait(*args)
+
+
+def _overlapped(rank: int, world_size: int, kind: str) -> None:
+    events: list[str] = []
+    real_a2a, real_ortho = dist.all_to_all_single, eopt.muon.orthogonalize
+
+    def a2a(*args, **kwargs):
+        events.append("send")
+        work = real_a2a(*args, **kwargs)
+        return _Waited(work, events) if kwargs.get("async_op") else work
+
+    model = shard(Tensors(QKV_SHAPES), kind, world_size)
+    opt = eopt.build(named(model), "muon", hints=QKV_HINTS)
+    groups = sum(1 for g in opt.param_groups if g["algorithm"] == "muon")
+    set_grads(dict(named(model)), _full_grads(QKV_SHAPES, 0))
+    dist.all_to_all_single = a2a
+    eopt.muon.orthogonalize = lambda group, X: events.append("compute") or real_ortho(group, X)
+    try:
+        opt.step()
+    finally:
+        dist.all_to_all_single, eopt.muon.orthogonalize = real_a2a, real_ortho
+    assert groups >= 2 and events.count("send") == 2 * groups, events
+    # Every group's inputs are on their way before any group computes, and no result is waited for until every
+    # group has computed and sent its own.
+    assert events[:groups] == ["send"] * groups and "compute" in events, events
+    waits = [i for i, e in enumerate(events) if e == "wait"]
+    last_compute = max(i for i, e in enumerate(events) if e == "compute")
+    assert all(i > last_compute for i in waits[groups:]), events
+    assert events[: waits[groups]].count("send") == 2 * groups, events
+
+
+def test_owner_exchanges_overlap_the_other_groups_work():
+    spawn(_overlapped, 2, "fsdp")
+
+
 EQUAL = {f"m{i}.weight": (8, 12) for i in range(6)}
 
 
