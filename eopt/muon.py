@@ -169,7 +169,8 @@ class Muon(OwnerPlans, Optimizer):
     all ranks); momentum, Nesterov and weight decay run on each rank's rows, ``u`` goes to its owner
     (``all_to_all_single`` of the rows under FSDP2/HSDP; already whole under DDP), the owner runs the pieces,
     stacks, Newton–Schulz and second moment exactly as one process would on its matrices, and each rank gets
-    back its rows of the scaled update and adds them. NorMuon's and AdaMuon's ``moment2`` live on the owner
+    back its rows of the orthogonalized pieces and adds them with their step sizes (:func:`add_scaled_`,
+    bitwise the one-process update). NorMuon's and AdaMuon's ``moment2`` live on the owner
     only; under DDP, where every rank holds whole matrices, so does the momentum (the owner alone advances it,
     and the other ranks keep an empty state entry). :meth:`plan` describes the assignment.
 

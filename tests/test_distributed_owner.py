@@ -55,8 +55,8 @@ def _parity(rank: int, world_size: int, kind: str) -> None:
     # orthogonalized pieces with their step sizes, in one rounding as one process does.
     for shapes, hints, hparams in MUON_CASES:
         for mode in ("owner", "replicated"):
-            hparams = {**hparams, "matrix_update": mode}
-            optimizer_parity(rank, world_size, kind, "muon", shapes, hints, hparams, rtol=0.0)
+            config = {**hparams, "matrix_update": mode}
+            optimizer_parity(rank, world_size, kind, "muon", shapes, hints, config, rtol=0.0)
 
 
 @pytest.mark.parametrize(("kind", "world_size"), KINDS)
